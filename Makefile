@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv if absent.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check -q
+STAMP   := $(VENV)/.cvfast-installed
+TSTAMP  := $(VENV)/.cvfast-test-installed
+# Without CUDA the CPU wheel (on this kind of machine it comes from local disk); with an NVIDIA
+# driver, pip's default (CUDA) build. An already installed torch is never replaced.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) setup.py constraints.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -c constraints.txt -e .
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(PIP) install -c constraints.txt -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cvfast generate --model tiny --prompt "a red panda eating bamboo in a misty forest" \
+		--seed 0 --steps 50 --out demo.mp4 --no-progress
+
+test: $(TSTAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo.mp4

@@ -1,0 +1,135 @@
+"""`cvfast.load()`: a Pipeline from a diffusers-layout folder, a Hugging Face hub id, or "tiny"."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CVFastInputError, bad_arg
+from .models.config import GENERATION_DEFAULTS, TransformerConfig
+from .models.text_encoder import TextEncoder
+from .models.transformer import CogVideoXTransformer
+from .models.vae import CogVideoXVAE, VAEConfig
+from .models.weights import load_into, read_tensors, transformer_state_dict
+from .ops import OpSet, resolve
+from .pipeline import Pipeline
+from .sampler.schedulers import SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# What a snapshot of a hub repo needs: configs, safetensors, tokenizer files; never pickles.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise bad_arg("device", device, "'cpu', 'cuda', 'cuda:N' or a torch.device") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise bad_arg("device", device, "'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise bad_arg("device", device, "'cpu' on this machine: torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    raise bad_arg("dtype", dtype, "torch.float32, torch.bfloat16, torch.float16 or one of " + ", ".join(DTYPES))
+
+
+def _check_fp16(dtype: torch.dtype, cfg: TransformerConfig, allow_fp16: bool) -> None:
+    # CogVideoX-5B and 1.5 overflow fp16 activations and decode to black frames (their model cards
+    # ask for bf16); 2B was trained in fp16.
+    if dtype == torch.float16 and cfg.variant != "2b" and not allow_fp16:
+        raise bad_arg("dtype", "float16", f"bfloat16 or float32 for a {cfg.variant} model: it overflows in fp16 "
+                      "and produces black frames (pass allow_fp16=True to try anyway)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CVFastInputError(f"{path} is missing: a diffusers-layout CogVideoX folder has model_index.json "
+                               f"and {', '.join(COMPONENTS)}/ each with its config")
+    return json.loads(path.read_text())
+
+
+def _load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    from transformers import AutoTokenizer, T5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    model = T5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype, use_safetensors=True)
+    return TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False))
+
+
+def family_defaults(cfg: TransformerConfig, spatial_factor: int) -> dict:
+    defaults = dict(GENERATION_DEFAULTS["1.5" if cfg.patch_size_t is not None else "1.0"])
+    if cfg.use_learned_positional_embeddings:  # only the size of its positional table works
+        defaults.update(num_frames=cfg.sample_frames, height=cfg.sample_height * spatial_factor,
+                        width=cfg.sample_width * spatial_factor)
+    return defaults
+
+
+def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpSet, allow_fp16: bool,
+                name: str | None = None) -> Pipeline:
+    _read_json(folder / "model_index.json")
+    t_cfg = TransformerConfig.from_dict(_read_json(folder / "transformer" / "config.json"))
+    _check_fp16(dtype, t_cfg, allow_fp16)
+    v_cfg = VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"))
+    s_cfg = SchedulerConfig.from_dict(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    if t_cfg.out_channels != v_cfg.latent_channels:
+        raise CVFastInputError(f"{folder}: transformer out_channels {t_cfg.out_channels} != VAE latent_channels "
+                               f"{v_cfg.latent_channels}")
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer(t_cfg, ops)
+        vae = CogVideoXVAE(v_cfg, ops)
+    load_into(transformer, transformer_state_dict(read_tensors(folder / "transformer")), "transformer", dtype, device)
+    vae_tensors = {k: (t, f"{path}:{k}") for k, (t, path) in read_tensors(folder / "vae").items()}
+    load_into(vae, vae_tensors, "vae", dtype, device)
+    text_encoder = _load_text_encoder(folder, device, dtype)
+    return Pipeline(name=name or str(folder), transformer=transformer.eval(), vae=vae.eval(),
+                    text_encoder=text_encoder, scheduler=s_cfg, ops=ops, device=device, dtype=dtype,
+                    defaults=family_defaults(t_cfg, v_cfg.spatial_factor))
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CVFastInputError(
+            f"model={repo_id!r} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"Download it elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`) and pass the "
+            "local folder instead.") from exc
+
+
+def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False) -> Pipeline:
+    """Load a CogVideoX pipeline.
+
+    model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
+    seeded random-weight model of the real architecture; its video is noise). device: default CUDA
+    when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference"
+    or "sdpa" (see `cvfast.ops.resolve`).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    ops = resolve(backend, dev)
+    if not isinstance(model, (str, Path)):
+        raise bad_arg("model", model, "a folder path, a hub id like 'THUDM/CogVideoX-5b', or 'tiny'")
+    if str(model) == "tiny":
+        from .tiny import build_tiny
+        return build_tiny(dev, dt, ops)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_folder(path, dev, dt, ops, allow_fp16)
+    parts = str(model).split("/")
+    if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
+        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, name=str(model))
+    raise bad_arg("model", str(model), "an existing folder, a hub id 'org/name', or 'tiny'")

@@ -1,0 +1,1 @@
+"""cvfast's model definitions: transformer, VAE, text encoder, configs and weight loading."""

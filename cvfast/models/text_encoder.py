@@ -1,0 +1,40 @@
+"""The T5 text encoder, through `transformers`, with the model folder's own tokenizer."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class TextEncoder:
+    """Tokenizer + T5 encoder. `encode` pads every prompt to `max_length` tokens, as CogVideoX was
+    trained (the transformer sees a fixed-length text prefix)."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module):
+        self.tokenizer, self.model = tokenizer, model
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    def token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+
+    def warn_if_truncated(self, prompts: list[str], max_length: int) -> None:
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+            if len(ids) > max_length:
+                # The last kept position holds the end-of-sequence token, so the cut starts one earlier.
+                dropped = self.tokenizer.decode(ids[max_length - 1:-1])
+                warnings.warn(f"prompt is longer than max_sequence_length={max_length} tokens "
+                              f"({len(ids)}); this part was dropped: {dropped!r}", stacklevel=3)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], max_length: int, device, dtype) -> torch.Tensor:
+        """prompts -> (len(prompts), max_length, d_model) in dtype on device."""
+        self.warn_if_truncated(prompts, max_length)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        param = next(self.model.parameters())
+        hidden = self.model(ids.to(param.device))[0]
+        return hidden.to(device=device, dtype=dtype)

@@ -1,0 +1,168 @@
+"""CogVideoX denoiser: patch embedding, adaLN-zero blocks over joint text+video tokens, unpatchify.
+
+Covers every variant through `TransformerConfig`: 3D sincos positions (2B), 3D RoPE on the video
+tokens (5B, and 1.5 with its integer grid), learned positions (5B-I2V), temporal patching without
+patch bias (1.5), and the ofs embedding (1.5-I2V). The heavy math goes through `cvfast.ops`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import OpSet
+from .config import TransformerConfig
+from .embeddings import rope_3d, sincos_3d, timestep_features
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, flip_sin_to_cos: bool, shift: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim)
+        self.flip_sin_to_cos, self.shift = flip_sin_to_cos, shift
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t: (batch,) -> (batch, out_dim)."""
+        feats = timestep_features(t, self.fc1.in_features, self.flip_sin_to_cos, self.shift).to(dtype)
+        return self.fc2(F.silu(self.fc1(feats)))
+
+
+class Block(nn.Module):
+    """One adaLN-zero block; text and video tokens get their own modulation, then attend jointly."""
+
+    def __init__(self, cfg: TransformerConfig, ops: OpSet):
+        super().__init__()
+        dim, self.heads = cfg.inner_dim, cfg.num_attention_heads
+        self.ops, self.eps = ops, cfg.norm_eps
+        affine = cfg.norm_elementwise_affine
+        self.mod1 = nn.Linear(cfg.time_embed_dim, 6 * dim)
+        self.norm1 = nn.LayerNorm(dim, cfg.norm_eps, affine)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.attention_bias)  # q, k, v fused at load time
+        self.q_norm = nn.LayerNorm(cfg.attention_head_dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(cfg.attention_head_dim, eps=1e-6)
+        self.attn_out = nn.Linear(dim, dim)
+        self.mod2 = nn.Linear(cfg.time_embed_dim, 6 * dim)
+        self.norm2 = nn.LayerNorm(dim, cfg.norm_eps, affine)
+        self.ff1 = nn.Linear(dim, 4 * dim)
+        self.ff2 = nn.Linear(4 * dim, dim)
+
+    def _modulated(self, norm: nn.LayerNorm, mod: nn.Linear, video, text, temb):
+        shift, scale, gate, t_shift, t_scale, t_gate = mod(F.silu(temb)).chunk(6, dim=1)
+        video_n = self.ops.adaln_modulate(video, norm.weight, norm.bias, shift, scale, self.eps)
+        text_n = self.ops.adaln_modulate(text, norm.weight, norm.bias, t_shift, t_scale, self.eps)
+        return video_n, text_n, gate[:, None], t_gate[:, None]
+
+    def forward(self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """video: (B, N, D); text: (B, L, D); temb: (B, T); rope: cos, sin (N, head_dim) or None."""
+        ops, n_text = self.ops, text.shape[1]
+        # 1. adaLN of both streams, then one joint sequence, text first.
+        video_n, text_n, gate, t_gate = self._modulated(self.norm1, self.mod1, video, text, temb)
+        joint = torch.cat((text_n, video_n), dim=1)
+        batch, seq, _ = joint.shape
+        # 2. q, k, v as (B, heads, S, head_dim); QK LayerNorm per head.
+        q, k, v = self.qkv(joint).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q = ops.layer_norm(q, self.q_norm.weight, self.q_norm.bias, self.q_norm.eps)
+        k = ops.layer_norm(k, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps)
+        # 3. RoPE on the video tokens only (split, rotate, concat: no in-place slice writes).
+        if rope is not None:
+            q = torch.cat((q[:, :, :n_text], ops.rope(q[:, :, n_text:], *rope)), dim=2)
+            k = torch.cat((k[:, :, :n_text], ops.rope(k[:, :, n_text:], *rope)), dim=2)
+        # 4. Joint attention, output projection, gated residuals.
+        attn = ops.attention(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
+        attn = self.attn_out(attn)
+        video = video + gate * attn[:, n_text:]
+        text = text + t_gate * attn[:, :n_text]
+        # 5. Feed-forward on the joint sequence with the second modulation.
+        video_n, text_n, gate, t_gate = self._modulated(self.norm2, self.mod2, video, text, temb)
+        ff = ops.gelu_mlp(torch.cat((text_n, video_n), dim=1), self.ff1.weight, self.ff1.bias,
+                          self.ff2.weight, self.ff2.bias)
+        return video + gate * ff[:, n_text:], text + t_gate * ff[:, :n_text]
+
+
+class CogVideoXTransformer(nn.Module):
+    """The denoiser. Call `position_tables` once per latent shape, then `forward` per step."""
+
+    def __init__(self, cfg: TransformerConfig, ops: OpSet | None = None):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops or OpSet()
+        dim, patch_dim = cfg.inner_dim, cfg.in_channels * cfg.temporal_patch * cfg.patch_size ** 2
+        # diffusers' temporal-patch (1.5) embedding is a Linear that always has a bias, whatever
+        # `patch_bias` says, and the released 1.5 folders were saved from it.
+        self.patch_proj = nn.Linear(patch_dim, dim, bias=cfg.patch_bias or cfg.patch_size_t is not None)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, dim)
+        if cfg.use_learned_positional_embeddings:
+            self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.max_text_seq_length + self._sample_patches(), dim))
+        self.time_embed = TimestepMLP(dim, cfg.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        self.ofs_embed = (TimestepMLP(cfg.ofs_embed_dim, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+                          if cfg.ofs_embed_dim else None)
+        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.num_layers))
+        self.norm_final = nn.LayerNorm(dim, cfg.norm_eps, cfg.norm_elementwise_affine)
+        self.out_mod = nn.Linear(cfg.time_embed_dim, 2 * dim)
+        self.out_norm = nn.LayerNorm(dim, cfg.norm_eps, cfg.norm_elementwise_affine)
+        self.proj_out = nn.Linear(dim, patch_dim // cfg.in_channels * cfg.out_channels)
+
+    def _sample_patches(self) -> int:
+        cfg = self.cfg
+        frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+        return frames // cfg.temporal_patch * (cfg.sample_height // cfg.patch_size) * (cfg.sample_width // cfg.patch_size)
+
+    def position_tables(self, latent_frames: int, latent_h: int, latent_w: int, device) -> dict:
+        """Positional inputs for a latent shape: {'sincos': (N, D)} or {'rope': (cos, sin)}, float32
+        on `device`, N = patch tokens. Learned-position models take their table from the weights."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        frames, grid_h, grid_w = latent_frames // cfg.temporal_patch, latent_h // p, latent_w // p
+        if cfg.use_rotary_positional_embeddings:
+            cos, sin = rope_3d(cfg.attention_head_dim, frames, grid_h, grid_w, cfg.sample_height // p,
+                               cfg.sample_width // p, slice_grid=cfg.patch_size_t is not None)
+            return {"rope": (cos.to(device), sin.to(device))}
+        table = sincos_3d(cfg.inner_dim, frames, grid_h, grid_w, cfg.spatial_interpolation_scale,
+                          cfg.temporal_interpolation_scale)
+        return {"sincos": table.to(device)}
+
+    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, F, C, H, W) -> (B, F/pt * H/p * W/p, C*pt*p*p), features ordered (C, pt, p, p)."""
+        b, f, c, h, w = latents.shape
+        p, pt = self.cfg.patch_size, self.cfg.temporal_patch
+        x = latents.reshape(b, f // pt, pt, c, h // p, p, w // p, p)
+        return x.permute(0, 1, 4, 6, 3, 2, 5, 7).reshape(b, (f // pt) * (h // p) * (w // p), c * pt * p * p)
+
+    def _unpatchify(self, tokens: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """(B, N, C*pt*p*p) -> (B, F, C, H, W); inverse of `_patchify`."""
+        p, pt = self.cfg.patch_size, self.cfg.temporal_patch
+        b = tokens.shape[0]
+        x = tokens.reshape(b, f // pt, h // p, w // p, -1, pt, p, p)
+        return x.permute(0, 1, 5, 4, 2, 6, 3, 7).reshape(b, f, -1, h, w)
+
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, tables: dict,
+                ofs: torch.Tensor | None = None) -> torch.Tensor:
+        """latents: (B, F, C_in, H, W) latent frames; text: (B, L, text_dim) T5 embeddings;
+        timestep: (B,); tables: from `position_tables`; ofs: (B,) for 1.5-I2V.
+        Returns the model output (v-prediction for CogVideoX) as (B, F, C_out, H, W)."""
+        cfg = self.cfg
+        b, f, _, h, w = latents.shape
+        # 1. Conditioning vector from the timestep (and ofs).
+        temb = self.time_embed(timestep, latents.dtype)
+        if self.ofs_embed is not None:
+            temb = temb + self.ofs_embed(ofs, latents.dtype)
+        # 2. Tokens: projected text and video patches, plus absolute positions where the variant has them.
+        text_tok = self.text_proj(text)
+        video_tok = self.patch_proj(self._patchify(latents))
+        if cfg.use_learned_positional_embeddings:
+            pos = self.pos_embedding.to(video_tok.dtype)
+            text_tok = text_tok + pos[:, :text.shape[1]]
+            video_tok = video_tok + pos[:, cfg.max_text_seq_length:]
+        elif "sincos" in tables:
+            video_tok = video_tok + tables["sincos"].to(video_tok.dtype)
+        # 3. The blocks.
+        rope = tables.get("rope")
+        for block in self.blocks:
+            video_tok, text_tok = block(video_tok, text_tok, temb, rope)
+        # 4. Final norm, output modulation (shift first, then scale), projection back to patches.
+        video_tok = self.ops.layer_norm(video_tok, self.norm_final.weight, self.norm_final.bias, cfg.norm_eps)
+        shift, scale = self.out_mod(F.silu(temb)).chunk(2, dim=1)
+        video_tok = self.ops.adaln_modulate(video_tok, self.out_norm.weight, self.out_norm.bias, shift, scale,
+                                            cfg.norm_eps)
+        return self._unpatchify(self.proj_out(video_tok), f, h, w)

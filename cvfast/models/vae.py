@@ -1,0 +1,421 @@
+"""CogVideoX's causal 3D VAE (encoder and decoder), cvfast's own reference implementation.
+
+Layout, as in diffusers' `AutoencoderKLCogVideoX` (parameter names are diffusers' names, so a
+`vae/diffusion_pytorch_model.safetensors` loads by name):
+
+    encoder: conv_in -> down_blocks[i] (resnets, then a 2x spatial downsampler that also halves time
+             in the first log2(temporal_compression_ratio) blocks) -> mid_block (2 resnets)
+             -> GroupNorm+SiLU -> conv_out  => (mean, logvar), 2 * latent_channels channels
+    decoder: conv_in -> mid_block (2 resnets) -> up_blocks[i] (resnets, then a 2x upsampler that also
+             doubles time in the first blocks) -> SpatialNorm+SiLU -> conv_out
+             Every norm of the decoder is a "spatial norm": GroupNorm(h) * conv_y(z) + conv_b(z), with
+             z the latent chunk being decoded, resized (nearest) to h's frames x height x width.
+
+Time is causal: every 3x3x3 conv sees the current frame and the two before it. Video is processed a
+few frames at a time ("chunks", see `frame_chunks`) and the frames a conv needs from the previous
+chunk travel in an explicit cache, a flat `dict[str, Tensor]` keyed by the conv's module path
+(e.g. "up_blocks.0.resnets.1.conv2") holding its last kt-1 *input* frames. A chunk function takes
+the previous chunk's cache and returns the next one; no module keeps state between calls. GroupNorm
+statistics are taken per chunk, so the chunking is part of the numerics, not only of memory use.
+
+Heavy math goes through the `OpSet` every module is built with: `ops.group_norm` (with the spatial
+conditioning and the SiLU fused into the call) and `ops.causal_conv3d` (every 3D conv, kernel 3 or
+1). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
+running them as 1x3x3 causal convs moves the result ~1e-6 away from diffusers (see
+`_per_frame_conv2d`), so they stay plain nn.Conv2d calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import OpSet
+
+Cache = dict[str, torch.Tensor]  # conv module path -> its last kt-1 input frames, (b, c_in, kt-1, h, w)
+
+# Diffusers' frame batching (num_latent_frames_batch_size / num_sample_frames_batch_size). The VAE
+# was trained on these chunk lengths; other values change the output (per-chunk GroupNorm).
+LATENT_FRAME_BATCH = 2
+SAMPLE_FRAME_BATCH = 8
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+    sample_height: int = 480
+    sample_width: int = 720
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        """From diffusers' `vae/config.json` contents; keys this VAE does not use are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in d.items() if k in names}
+        if "block_out_channels" in kept:
+            kept["block_out_channels"] = tuple(kept["block_out_channels"])
+        for key, block in (("down_block_types", "CogVideoXDownBlock3D"), ("up_block_types", "CogVideoXUpBlock3D")):
+            types = d.get(key)
+            if types is not None and (len(types) != len(kept.get("block_out_channels", cls.block_out_channels))
+                                      or any(t != block for t in types)):
+                raise ValueError(f"{key}={types!r}: expected one {block} per entry of block_out_channels")
+        cfg = cls(**kept)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn={self.act_fn!r}: the CogVideoX VAE uses silu")
+        level = math.log2(self.temporal_compression_ratio)
+        if level != int(level) or not 0 <= level <= len(self.block_out_channels) - 1:
+            raise ValueError(f"temporal_compression_ratio={self.temporal_compression_ratio!r}: expected a power "
+                             f"of 2 up to {self.spatial_factor}")
+        if self.use_quant_conv and self.latent_channels != self.out_channels:
+            # diffusers sizes quant_conv by 2 * out_channels (the *image* channels), so it only
+            # runs when latent_channels == out_channels; fail here rather than mid-encode.
+            raise ValueError("use_quant_conv needs latent_channels == out_channels (as in diffusers)")
+        if self.use_post_quant_conv and self.latent_channels != self.out_channels:
+            raise ValueError("use_post_quant_conv needs latent_channels == out_channels (as in diffusers)")
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.temporal_compression_ratio)
+
+    @property
+    def time_compress_levels(self) -> int:
+        """How many of the first down (and up) blocks also halve (double) the frame count."""
+        return int(math.log2(self.temporal_compression_ratio))
+
+
+def frame_chunks(num_frames: int, batch: int) -> list[slice]:
+    """The frame slices diffusers' `_encode`/`_decode` process one after the other.
+
+    num_frames // batch chunks of `batch` frames, the *first* one also taking the num_frames % batch
+    left over (so 13 latent frames -> [0:3], [3:5], ..., [11:13]; 49 sample frames -> [0:9],
+    [9:17], ..., [41:49]). Frame 0 is the causal VAE's lone "image" frame, so the odd leftover rides
+    with it and every later chunk has the trained length.
+    """
+    rem = num_frames % batch
+    count = max(num_frames // batch, 1)
+    return [slice(0 if i == 0 else batch * i + rem, min(batch * (i + 1) + rem, num_frames)) for i in range(count)]
+
+
+class CausalConv3d(nn.Module):
+    """A conv causal in time, stride 1, zero-padded in space. Parameters live in `conv` (an
+    nn.Conv3d used only to hold them, giving diffusers' `<name>.conv.weight`)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, ops: OpSet | None = None):
+        super().__init__()
+        self.conv = nn.Conv3d(c_in, c_out, kernel)
+        self.ops = ops or OpSet()
+        self.cache_key = ""  # set by the owning Encoder/Decoder to this module's path
+
+    def forward(self, x: torch.Tensor, past: Cache, new: Cache) -> torch.Tensor:
+        """x: (b, c_in, t, h, w) -> (b, c_out, t, h, w). Reads this conv's frames from `past` (absent:
+        first chunk, the first frame is replicated instead) and writes the next ones into `new`."""
+        weight = self.conv.weight
+        keep = weight.shape[2] - 1
+        if keep == 0:
+            return self.ops.causal_conv3d(x, weight, self.conv.bias, None)
+        prev = past.get(self.cache_key)
+        out = self.ops.causal_conv3d(x, weight, self.conv.bias, prev)
+        if x.shape[2] < keep:  # a chunk shorter than the cache: the tail spans the padding too
+            head = prev if prev is not None else x[:, :, :1].expand(-1, -1, keep, -1, -1)
+            x = torch.cat((head, x), dim=2)
+        # clone: a view would keep the whole chunk's activation alive until the next chunk
+        new[self.cache_key] = x[:, :, -keep:].clone()
+        return out
+
+
+def _resize_latent(z: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Nearest-resize z (b, c, t, h, w) to size (T, H, W). When T is odd and > 1 the first frame is
+    resized on its own and the rest to T-1 frames: the first latent frame stands for one video frame,
+    each later one for several, and a plain resize would smear frame 0 over its neighbours."""
+    frames = size[0]
+    if frames > 1 and frames % 2 == 1:
+        first = F.interpolate(z[:, :, :1], size=(1, *size[1:]))
+        rest = F.interpolate(z[:, :, 1:], size=(frames - 1, *size[1:]))
+        return torch.cat((first, rest), dim=2)
+    return F.interpolate(z, size=tuple(size))
+
+
+class SpatialNorm3D(nn.Module):
+    """SiLU(GroupNorm(f) * conv_y(z) + conv_b(z)), z the latent resized to f's frames and pixels.
+    GroupNorm eps is 1e-6 whatever the config says (as in diffusers)."""
+
+    def __init__(self, channels: int, z_channels: int, groups: int, ops: OpSet | None = None):
+        super().__init__()
+        self.ops = ops or OpSet()
+        self.norm_layer = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_y = CausalConv3d(z_channels, channels, 1, self.ops)
+        self.conv_b = CausalConv3d(z_channels, channels, 1, self.ops)
+
+    def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """f: (b, c, T, H, W), z: (b, z_channels, t, h, w) -> (b, c, T, H, W)."""
+        z = _resize_latent(z, f.shape[-3:])
+        # kernel-1 convs: nothing to cache
+        scale, shift = self.conv_y(z, {}, {}), self.conv_b(z, {}, {})
+        n = self.norm_layer
+        return self.ops.group_norm(f, n.weight, n.bias, n.num_groups, n.eps, scale=scale, shift=shift, silu=True)
+
+
+class ResnetBlock3D(nn.Module):
+    """x + conv2(norm2(conv1(norm1(x)))), each norm followed by SiLU; a 1x1x1 conv on the skip path
+    when the channel count changes. Norms are plain GroupNorm (encoder) or spatial norms conditioned
+    on the latent (decoder, `z_channels` given)."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, eps: float, z_channels: int | None = None,
+                 ops: OpSet | None = None):
+        super().__init__()
+        self.ops = ops or OpSet()
+        if z_channels is None:
+            self.norm1, self.norm2 = nn.GroupNorm(groups, c_in, eps=eps), nn.GroupNorm(groups, c_out, eps=eps)
+        else:
+            self.norm1 = SpatialNorm3D(c_in, z_channels, groups, self.ops)
+            self.norm2 = SpatialNorm3D(c_out, z_channels, groups, self.ops)
+        self.conv1 = CausalConv3d(c_in, c_out, 3, self.ops)
+        self.conv2 = CausalConv3d(c_out, c_out, 3, self.ops)
+        if c_in != c_out:
+            self.conv_shortcut = nn.Conv3d(c_in, c_out, 1)
+
+    def _norm_silu(self, norm: nn.Module, h: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(norm, SpatialNorm3D):
+            return norm(h, z)
+        return self.ops.group_norm(h, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=True)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None, past: Cache, new: Cache) -> torch.Tensor:
+        """x: (b, c_in, t, h, w) -> (b, c_out, t, h, w); z: the latent chunk (decoder) or None."""
+        h = self.conv1(self._norm_silu(self.norm1, x, z), past, new)
+        h = self.conv2(self._norm_silu(self.norm2, h, z), past, new)
+        if hasattr(self, "conv_shortcut"):
+            x = self.ops.causal_conv3d(x, self.conv_shortcut.weight, self.conv_shortcut.bias, None)
+        return h + x
+
+
+def _per_frame_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv applied to every frame: (b, c, t, h, w) -> (b, c_out, t, h', w').
+
+    Deliberately a 2D conv over (b*t) frames, as diffusers does, not a 1x3x3 3D conv (e.g. through
+    ops.causal_conv3d): the two are the same math but take different kernels, and that difference
+    alone puts the output ~5e-7 (decode) to ~1e-6 (encode) relative L2 away from diffusers."""
+    b, c, t = x.shape[:3]
+    y = conv(x.transpose(1, 2).reshape(b * t, c, *x.shape[3:]))
+    return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+class Downsample3D(nn.Module):
+    """Halve height and width (pad right/bottom by one, 3x3 conv stride 2, per frame); with
+    `compress_time` first average frame pairs, keeping an odd first frame as is (t -> 1 + (t-1)//2)."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, t, h, w) -> (b, c, t', h // 2, w // 2)."""
+        if self.compress_time and x.shape[2] > 1:
+            keep = x.shape[2] % 2  # an odd count keeps its first frame un-pooled
+            pooled = F.avg_pool3d(x[:, :, keep:], kernel_size=(2, 1, 1))
+            x = torch.cat((x[:, :, :keep], pooled), dim=2) if keep else pooled
+        return _per_frame_conv2d(F.pad(x, (0, 1, 0, 1)), self.conv)
+
+
+class Upsample3D(nn.Module):
+    """Double height and width (nearest), then a 3x3 conv per frame; with `compress_time` also double
+    the frames, except that an odd first frame (the lone image frame) is not repeated
+    (t -> 2t for even t, 1 + 2(t-1) for odd t > 1, 1 for t = 1)."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, t, h, w) -> (b, c, t', 2h, 2w)."""
+        t = x.shape[2]
+        if self.compress_time and t > 1 and t % 2 == 1:
+            first = F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0))
+            x = torch.cat((first, F.interpolate(x[:, :, 1:], scale_factor=2.0)), dim=2)
+        elif self.compress_time and t > 1:
+            x = F.interpolate(x, scale_factor=2.0)
+        else:
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0))
+        return _per_frame_conv2d(x, self.conv)
+
+
+class Stage(nn.Module):
+    """A down/mid/up block: resnets, then optionally one resampler under diffusers' name
+    (`downsamplers.0` / `upsamplers.0`)."""
+
+    def __init__(self, resnets: list[ResnetBlock3D], resampler: nn.Module | None = None,
+                 resampler_name: str = ""):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.resampler_name = resampler_name if resampler is not None else ""
+        if resampler is not None:
+            setattr(self, resampler_name, nn.ModuleList([resampler]))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None, past: Cache, new: Cache) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, z, past, new)
+        if self.resampler_name:
+            x = getattr(self, self.resampler_name)[0](x)
+        return x
+
+
+def _name_caches(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if isinstance(module, CausalConv3d):
+            module.cache_key = name
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig, ops: OpSet | None = None):
+        super().__init__()
+        self.ops = ops = ops or OpSet()
+        ch, groups, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3, ops)
+        self.down_blocks = nn.ModuleList()
+        for i, c_out in enumerate(ch):
+            c_in = ch[max(i - 1, 0)]
+            resnets = [ResnetBlock3D(c_in if j == 0 else c_out, c_out, groups, eps, ops=ops)
+                       for j in range(cfg.layers_per_block)]
+            down = Downsample3D(c_out, compress_time=i < cfg.time_compress_levels) if i < len(ch) - 1 else None
+            self.down_blocks.append(Stage(resnets, down, "downsamplers"))
+        self.mid_block = Stage([ResnetBlock3D(ch[-1], ch[-1], groups, eps, ops=ops) for _ in range(2)])
+        self.norm_out = nn.GroupNorm(groups, ch[-1], eps=1e-6)  # 1e-6 regardless of norm_eps, as diffusers
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, ops)
+        _name_caches(self)
+
+    def forward(self, x: torch.Tensor, past: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+        """One chunk. x: (b, in_channels, t, H, W) -> ((b, 2 * latent_channels, t', H/f, W/f), cache)."""
+        past, new = past or {}, {}
+        h = self.conv_in(x, past, new)
+        for block in self.down_blocks:
+            h = block(h, None, past, new)
+        h = self.mid_block(h, None, past, new)
+        n = self.norm_out
+        h = self.ops.group_norm(h, n.weight, n.bias, n.num_groups, n.eps, silu=True)
+        return self.conv_out(h, past, new), new
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig, ops: OpSet | None = None):
+        super().__init__()
+        self.ops = ops = ops or OpSet()
+        ch, groups, eps, zc = cfg.block_out_channels[::-1], cfg.norm_num_groups, cfg.norm_eps, cfg.latent_channels
+        self.conv_in = CausalConv3d(zc, ch[0], 3, ops)
+        self.mid_block = Stage([ResnetBlock3D(ch[0], ch[0], groups, eps, zc, ops) for _ in range(2)])
+        self.up_blocks = nn.ModuleList()
+        for i, c_out in enumerate(ch):
+            c_in = ch[max(i - 1, 0)]
+            resnets = [ResnetBlock3D(c_in if j == 0 else c_out, c_out, groups, eps, zc, ops)
+                       for j in range(cfg.layers_per_block + 1)]  # one more than the encoder, as diffusers
+            up = Upsample3D(c_out, compress_time=i < cfg.time_compress_levels) if i < len(ch) - 1 else None
+            self.up_blocks.append(Stage(resnets, up, "upsamplers"))
+        self.norm_out = SpatialNorm3D(ch[-1], zc, groups, ops)
+        self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3, ops)
+        _name_caches(self)
+
+    def forward(self, z: torch.Tensor, past: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+        """One chunk. z: (b, latent_channels, t, h, w) -> ((b, out_channels, t', h*f, w*f), cache);
+        t' = 4t for even t, 4t-3 for odd t (temporal factor 4)."""
+        past, new = past or {}, {}
+        h = self.conv_in(z, past, new)
+        h = self.mid_block(h, z, past, new)
+        for block in self.up_blocks:
+            h = block(h, z, past, new)
+        h = self.norm_out(h, z)
+        return self.conv_out(h, past, new), new
+
+
+class CogVideoXVAE(nn.Module):
+    """The CogVideoX VAE. Parameter names equal diffusers' `AutoencoderKLCogVideoX` state_dict."""
+
+    def __init__(self, config: VAEConfig, ops: OpSet | None = None):
+        super().__init__()
+        config.check()
+        self.config = config
+        self.ops = ops = ops or OpSet()
+        self.encoder = Encoder(config, ops)
+        self.decoder = Decoder(config, ops)
+        # Sized by out_channels, not latent_channels, exactly as diffusers (see VAEConfig.check).
+        c = config.out_channels
+        self.quant_conv = nn.Conv3d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv3d(c, c, 1) if config.use_post_quant_conv else None
+
+    def _pointwise(self, conv: nn.Conv3d | None, x: torch.Tensor) -> torch.Tensor:
+        return x if conv is None else self.ops.causal_conv3d(x, conv.weight, conv.bias, None)
+
+    def decode_chunk(self, z: torch.Tensor, past: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+        """One chunk of latent frames: z (b, latent_channels, t, h, w) -> (video (b, out_channels,
+        t', h*f, w*f), the cache for the next chunk)."""
+        return self.decoder(self._pointwise(self.post_quant_conv, z), past)
+
+    def encode_chunk(self, x: torch.Tensor, past: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+        """One chunk of sample frames: x (b, in_channels, t, H, W) -> (posterior moments
+        (b, 2 * latent_channels, t', H/f, W/f), the cache for the next chunk)."""
+        h, cache = self.encoder(x, past)
+        return self._pointwise(self.quant_conv, h), cache
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (batch, latent_channels, latent_frames, h, w), already divided by the scaling factor ->
+        video (batch, out_channels, frames, h * spatial_factor, w * spatial_factor), roughly in [-1, 1],
+        not clamped. frames = 4 * latent_frames - 3 for odd latent_frames (13 -> 49); even counts put
+        all frames in pairs and give 4 * latent_frames.
+
+        Latent frames go through in chunks of 2, the first chunk also taking an odd leftover
+        ([0:3], [3:5], ... for 13): diffusers' batching, which the GroupNorm statistics depend on."""
+        cache: Cache | None = None
+        out = []
+        for chunk in frame_chunks(z.shape[2], LATENT_FRAME_BATCH):
+            video, cache = self.decode_chunk(z[:, :, chunk], cache)
+            out.append(video)
+        return torch.cat(out, dim=2)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, in_channels, frames, H, W) in [-1, 1] -> (mean, logvar), each
+        (batch, latent_channels, latent_frames, H / spatial_factor, W / spatial_factor), logvar
+        clamped to [-30, 20]. frames = 1 + 8k (or 8k) give 1 + 2k (2k) latent frames.
+
+        Sample frames go through in chunks of 8, the first taking the leftover ([0:9], [9:17], ...)."""
+        cache: Cache | None = None
+        moments = []
+        for chunk in frame_chunks(x.shape[2], SAMPLE_FRAME_BATCH):
+            h, cache = self.encode_chunk(x[:, :, chunk], cache)
+            moments.append(h)
+        mean, logvar = torch.cat(moments, dim=2).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    @staticmethod
+    def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + exp(logvar / 2) * noise, shapes of mean. The noise is drawn on the generator's
+        device in mean's dtype and moved to mean's device, as diffusers' `randn_tensor`, so a seeded CPU
+        generator gives diffusers' `latent_dist.sample(generator)`."""
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+        return mean + torch.exp(0.5 * logvar) * noise

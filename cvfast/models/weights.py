@@ -1,0 +1,126 @@
+"""Reading diffusers-layout safetensors and renaming them onto cvfast's modules at load time.
+
+An unknown, missing or mis-shaped tensor is an error naming the file, the key and the expected shape.
+Only safetensors are read here (pickle checkpoints are the SAT loader's business, with its own
+safety rules).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class WeightError(ValueError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+def safetensors_files(component_dir: Path) -> list[Path]:
+    """The weight files of one component folder: the shards an `*.index.json` names, else the single
+    `*.safetensors` file."""
+    indexes = sorted(component_dir.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = sorted({component_dir / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise WeightError(f"{indexes[0]} names shards that are not there: {missing}")
+        return files
+    files = sorted(component_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in component_dir.glob("*.bin")) + sorted(p.name for p in component_dir.glob("*.pt"))
+        hint = f" (found {pickles}: pickle checkpoints are not read here, convert them to safetensors)" if pickles else ""
+        raise WeightError(f"no *.safetensors weights in {component_dir}{hint}")
+    if len(files) > 1:
+        raise WeightError(f"several *.safetensors in {component_dir} and no index json: {[f.name for f in files]}")
+    return files
+
+
+def read_tensors(component_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]:
+    """All tensors of a component, each with the file it came from (for error messages)."""
+    out: dict[str, tuple[torch.Tensor, Path]] = {}
+    for path in safetensors_files(component_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = (f.get_tensor(key), path)
+    return out
+
+
+# diffusers CogVideoXTransformer3DModel name -> cvfast CogVideoXTransformer name.
+_TRANSFORMER_RENAMES = [
+    (r"patch_embed\.proj\.(weight|bias)", r"patch_proj.\1"),
+    (r"patch_embed\.text_proj\.(weight|bias)", r"text_proj.\1"),
+    (r"patch_embed\.pos_embedding", r"pos_embedding"),
+    (r"time_embedding\.linear_([12])\.(weight|bias)", r"time_embed.fc\1.\2"),
+    (r"ofs_embedding\.linear_([12])\.(weight|bias)", r"ofs_embed.fc\1.\2"),
+    (r"transformer_blocks\.(\d+)\.norm([12])\.linear\.(weight|bias)", r"blocks.\1.mod\2.\3"),
+    (r"transformer_blocks\.(\d+)\.norm([12])\.norm\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"transformer_blocks\.(\d+)\.attn1\.norm_([qk])\.(weight|bias)", r"blocks.\1.\2_norm.\3"),
+    (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn_out.\2"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ff1.\2"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.ff2.\2"),
+    (r"norm_final\.(weight|bias)", r"norm_final.\1"),
+    (r"norm_out\.linear\.(weight|bias)", r"out_mod.\1"),
+    (r"norm_out\.norm\.(weight|bias)", r"out_norm.\1"),
+    (r"proj_out\.(weight|bias)", r"proj_out.\1"),
+]
+_QKV = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)")
+
+
+def transformer_state_dict(tensors: dict[str, tuple[torch.Tensor, Path]]) -> dict[str, tuple[torch.Tensor, str]]:
+    """Rename diffusers transformer tensors to cvfast's, fusing to_q/to_k/to_v into one `qkv`
+    projection and flattening the 2D patch convolution into a linear layer.
+    Returns {cvfast key: (tensor, 'file:key' provenance)}; unknown keys raise."""
+    out, qkv_parts, unknown = {}, {}, []
+    for key, (tensor, path) in tensors.items():
+        where = f"{path}:{key}"
+        match = _QKV.fullmatch(key)
+        if match:
+            qkv_parts.setdefault((match[1], match[3]), {})[match[2]] = (tensor, where)
+            continue
+        for pattern, target in _TRANSFORMER_RENAMES:
+            if re.fullmatch(pattern, key):
+                name = re.sub(pattern, target, key)
+                if name == "patch_proj.weight" and tensor.dim() == 4:  # Conv2d(stride=p) == Linear over patches
+                    tensor = tensor.reshape(tensor.shape[0], -1)
+                out[name] = (tensor, where)
+                break
+        else:
+            unknown.append(where)
+    if unknown:
+        raise WeightError(f"unknown transformer tensors (not part of any CogVideoX variant): {unknown[:10]}"
+                          + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+    for (layer, kind), parts in qkv_parts.items():
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            where = next(iter(parts.values()))[1]
+            raise WeightError(f"block {layer} has no to_{'/to_'.join(missing)}.{kind} next to {where}")
+        out[f"blocks.{layer}.qkv.{kind}"] = (torch.cat([parts[p][0] for p in "qkv"]), parts["q"][1])
+    return out
+
+
+def load_into(module: nn.Module, named: dict[str, tuple[torch.Tensor, str]], component: str,
+              dtype: torch.dtype, device: torch.device) -> None:
+    """Copy every tensor into `module`'s parameters (cast to dtype, moved to device), checking that
+    the two sides name exactly the same tensors with the same shapes."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(named))
+    if missing:
+        raise WeightError(f"{component}: checkpoint lacks {len(missing)} tensors, e.g. "
+                          + ", ".join(f"{k} {tuple(expected[k].shape)}" for k in missing[:5]))
+    extra = sorted(set(named) - set(expected))
+    if extra:
+        raise WeightError(f"{component}: unexpected tensors {[named[k][1] for k in extra[:5]]}")
+    for key, (tensor, where) in named.items():
+        if tensor.shape != expected[key].shape:
+            raise WeightError(f"{component}: {where} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected[key].shape)} for {key}")
+    # assign=True lets the module be built on the meta device: no random init of billions of
+    # parameters that are overwritten at once, and no second copy of the weights in memory.
+    module.load_state_dict({k: t.to(device=device, dtype=dtype) for k, (t, _) in named.items()},
+                           strict=True, assign=True)
+    module.requires_grad_(False)

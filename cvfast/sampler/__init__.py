@@ -1,0 +1,1 @@
+"""Schedulers and the denoising loop."""

@@ -1,0 +1,152 @@
+"""CogVideoX's DDIM and DPM-Solver++(2M, SDE) schedulers, read from `scheduler_config.json`.
+
+The noise schedule (scaled-linear betas, `snr_shift_scale`, zero-terminal-SNR rescale) and the step
+rules follow CogVideoX (diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler are the oracle in
+tests). Everything that depends only on the step index is computed once, in float64 on the host,
+into a `StepPlan` whose tensors live on the device: a step then needs no host scalars, which is
+what lets the later CUDA-graph sampler capture it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import bad_arg
+
+SCHEDULER_KINDS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kind: str = "ddim"                      # "ddim" or "dpm"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
+    rescale_betas_zero_snr: bool = True
+    snr_shift_scale: float = 3.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        name = d.get("_class_name", "CogVideoXDDIMScheduler")
+        if name not in SCHEDULER_KINDS:
+            raise ValueError(f"scheduler _class_name {name!r} is not supported: one of {sorted(SCHEDULER_KINDS)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(kind=SCHEDULER_KINDS[name], **{k: v for k, v in d.items() if k in names and k != "kind"})
+        if cfg.beta_schedule not in ("scaled_linear", "linear"):
+            raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported: scaled_linear or linear")
+        if cfg.prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported: v_prediction or epsilon")
+        return cfg
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """(num_train_timesteps,) float64 cumulative alphas after the SNR shift and optional rescale."""
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32).double()
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    # CogVideoX shifts the SNR down by snr_shift_scale: alpha' = alpha / (s + (1 - s) * alpha).
+    ac = ac / (cfg.snr_shift_scale + (1 - cfg.snr_shift_scale) * ac)
+    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023: make the last step pure noise (SNR 0).
+        root = ac.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
+        ac = root ** 2
+    return ac
+
+
+def timesteps(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """The num_steps training timesteps to visit, descending (int64)."""
+    n = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "trailing":
+        return np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
+    if cfg.timestep_spacing == "leading":
+        return (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + cfg.steps_offset
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+    raise ValueError(f"timestep_spacing {cfg.timestep_spacing!r}: one of trailing, leading, linspace")
+
+
+@dataclass
+class StepPlan:
+    """Everything per step, precomputed. `coef` rows (float32, on the device) hold:
+    [c_sample, c_model] to form x0 = c_sample * x - c_model * out, then
+    DDIM: [a, b]             x' = a * x + b * x0
+    DPM:  [m1, m2, m3, m4, mn]  x' = m1 * x - m2 * d + mn * noise, d = x0 or m3 * x0 - m4 * x0_prev.
+    `noise_draws[i]` is how many Gaussian draws step i consumes (DPM draws one, plus one more once
+    it has history, exactly like the diffusers scheduler, so a seed gives the same video)."""
+    kind: str
+    timesteps: torch.Tensor         # (steps,) int64 on the device
+    timesteps_host: list[int]
+    coef: torch.Tensor              # (steps, 4 or 7) float32 on the device
+    noise_draws: list[int]
+    uses_history: list[bool]
+
+
+def make_plan(cfg: SchedulerConfig, num_steps: int, device) -> StepPlan:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise bad_arg("num_inference_steps", num_steps, "an integer >= 1")
+    if num_steps > cfg.num_train_timesteps:
+        raise bad_arg("num_inference_steps", num_steps, f"at most {cfg.num_train_timesteps}")
+    ac = alphas_cumprod(cfg)
+    ts = timesteps(cfg, num_steps)
+    final = torch.tensor(1.0, dtype=torch.float64) if cfg.set_alpha_to_one else ac[0]
+    stride = cfg.num_train_timesteps // num_steps  # CogVideoX steps back by this stride, whatever the spacing
+    rows, draws, history = [], [], []
+    for i, t in enumerate(ts.tolist()):
+        prev = t - stride
+        a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else final)
+        if cfg.prediction_type == "v_prediction":
+            x0 = [a_t ** 0.5, (1 - a_t) ** 0.5]              # x0 = sqrt(a) x - sqrt(1-a) v
+        else:
+            x0 = [1 / a_t ** 0.5, (1 - a_t) ** 0.5 / a_t ** 0.5]  # x0 = (x - sqrt(1-a) eps) / sqrt(a)
+        if cfg.kind == "ddim":
+            a = ((1 - a_prev) / (1 - a_t)) ** 0.5
+            rows.append(x0 + [a, a_prev ** 0.5 - a_t ** 0.5 * a])
+            draws.append(0)
+            history.append(False)
+            continue
+        lam = ((a_t / (1 - a_t)) ** 0.5).log()
+        h = ((a_prev / (1 - a_prev)) ** 0.5).log() - lam
+        has_back = i > 0
+        if has_back:
+            a_back = ac[int(ts[i - 1])]
+            r = (lam - ((a_back / (1 - a_back)) ** 0.5).log()) / h
+            m3, m4 = 1 + 1 / (2 * r), 1 / (2 * r)
+        else:
+            m3 = m4 = torch.tensor(0.0, dtype=torch.float64)
+        m1 = ((1 - a_prev) / (1 - a_t)) ** 0.5 * (-h).exp()
+        m2 = (-2 * h).expm1() * a_prev ** 0.5
+        mn = (1 - a_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+        rows.append(x0 + [m1, m2, m3, m4, mn])
+        uses = has_back and prev >= 0
+        history.append(uses)
+        draws.append(2 if uses else 1)
+    coef = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32, device=device)
+    return StepPlan(cfg.kind, torch.from_numpy(ts.copy()).to(device), ts.tolist(), coef, draws, history)
+
+
+def step(plan: StepPlan, i: int, model_out: torch.Tensor, sample: torch.Tensor,
+         prev_x0: torch.Tensor | None, noise: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update. model_out, sample: (B, F, C, H, W); noise: `plan.noise_draws[i]` tensors.
+    Math in float32 whatever the latent dtype. Returns (new sample float32, x0 float32)."""
+    c = plan.coef[i]
+    x = sample.float()
+    x0 = c[0] * x - c[1] * model_out.float()
+    if plan.kind == "ddim":
+        return c[2] * x + c[3] * x0, x0
+    # With history the second-order estimate replaces x0 and the step's second draw is the one used
+    # (the first draw is still consumed, to keep the generator in step with diffusers).
+    d = c[4] * x0 - c[5] * prev_x0 if plan.uses_history[i] else x0
+    return c[2] * x - c[3] * d + c[6] * noise[-1], x0

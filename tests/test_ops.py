@@ -1,0 +1,101 @@
+"""The reference ops against independent formulations, and the SDPA backend against the reference.
+
+Fresh random inputs at odd sizes; results must be finite. Low-precision tolerance follows
+FlashAttention's tests: a backend's error against the fp32 reference is at most twice PyTorch's own
+error for the same math done naively in that dtype.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvfast import ops
+from cvfast.ops import reference, sdpa
+
+
+def naive_attention(q, k, v):
+    """Softmax attention in the inputs' dtype, one matrix, no upcast: PyTorch's own error."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 37, 16), (1, 2, 131, 64)])
+def test_reference_attention_blocks_cover_every_query(monkeypatch, shape):
+    monkeypatch.setattr(reference, "_QUERY_BLOCK", 7)  # odd block size: ragged last block
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    out = reference.attention(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, naive_attention(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 77, 64), (1, 2, 1000, 16)])
+def test_sdpa_backend_within_twice_pytorch_error(dtype, shape):
+    torch.manual_seed(shape[2])
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    exact = reference.attention(q, k, v)  # fp32
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    got = sdpa.attention(qd, kd, vd)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    own = (naive_attention(qd, kd, vd).float() - exact).abs().max().item()
+    err = (got.float() - exact).abs().max().item()
+    assert err <= 2 * own + 1e-6
+
+
+def test_rope_matches_complex_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 12)
+    angles = torch.randn(11, 6)
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    got = reference.rope(x, cos, sin)
+    expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.polar(
+        torch.ones_like(angles), angles)).flatten(-2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adaln_modulate():
+    torch.manual_seed(1)
+    x, w, b = torch.randn(2, 5, 24), torch.randn(24), torch.randn(24)
+    shift, scale = torch.randn(2, 24), torch.randn(2, 24)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = ((x - mean) / torch.sqrt(var + 1e-5) * w + b) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(reference.adaln_modulate(x, w, b, shift, scale, 1e-5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_mlp_uses_tanh_gelu():
+    torch.manual_seed(2)
+    x, w1, b1, w2, b2 = torch.randn(3, 7, 10), torch.randn(13, 10), torch.randn(13), torch.randn(10, 13), torch.randn(10)
+    h = x @ w1.T + b1
+    gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(reference.gelu_mlp(x, w1, b1, w2, b2), gelu @ w2.T + b2, rtol=1e-5, atol=1e-4)
+
+
+def test_group_norm_spatial_silu():
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 3, 5, 7)
+    w, b, scale, shift = torch.randn(6), torch.randn(6), torch.randn_like(x), torch.randn_like(x)
+    groups = x.reshape(2, 3, -1)
+    normed = ((groups - groups.mean(-1, keepdim=True)) / torch.sqrt(groups.var(-1, unbiased=False, keepdim=True)
+              + 1e-6)).reshape_as(x) * w[:, None, None, None] + b[:, None, None, None]
+    expected = F.silu(normed * scale + shift)
+    got = reference.group_norm(x, w, b, 3, 1e-6, scale=scale, shift=shift, silu=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_conv3d_pads_with_first_frame_and_cache():
+    torch.manual_seed(4)
+    x, w, bias = torch.randn(1, 3, 5, 6, 7), torch.randn(4, 3, 3, 3, 3), torch.randn(4)
+    padded = torch.cat((x[:, :, :1], x[:, :, :1], x), dim=2)
+    expected = F.conv3d(padded, w, bias, padding=(0, 1, 1))
+    torch.testing.assert_close(reference.causal_conv3d(x, w, bias, None), expected)
+    second = reference.causal_conv3d(x[:, :, 3:], w, bias, x[:, :, 1:3])
+    torch.testing.assert_close(second, expected[:, :, 3:])
+
+
+def test_resolve_per_backend():
+    assert set(ops.resolve("reference", "cpu").names().values()) == {"reference"}
+    auto = ops.resolve("auto", "cpu").names()
+    assert auto["attention"] == "sdpa" and auto["rope"] == "reference"
+    assert ops.resolve("sdpa", "cpu").names()["attention"] == "sdpa"

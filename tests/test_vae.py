@@ -1,0 +1,163 @@
+"""cvfast's CogVideoX VAE against diffusers' AutoencoderKLCogVideoX (the independent oracle), on a
+small random model whose GroupNorm affines are perturbed so that they matter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvfast.models.vae import CogVideoXVAE, VAEConfig, frame_chunks
+from cvfast.ops import OP_NAMES, Impl, OpSet, reference
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-6
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert b.norm() > 0
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _pair(**overrides):
+    """(diffusers VAE, cvfast VAE) with the same random weights."""
+    kwargs = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                  down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLCogVideoX(**kwargs).eval()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+    ours = CogVideoXVAE(VAEConfig.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _pair()
+
+
+def test_state_dict_names_and_shapes_match(pair):
+    ref, ours = pair
+    theirs = {k: v.shape for k, v in ref.state_dict().items()}
+    mine = {k: v.shape for k, v in ours.state_dict().items()}
+    assert set(mine) == set(theirs)
+    assert mine == theirs
+
+
+def test_config_from_diffusers_json():
+    d = {"_class_name": "AutoencoderKLCogVideoX", "_diffusers_version": "0.30.0", "act_fn": "silu",
+         "block_out_channels": [128, 256, 256, 512], "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+         "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None,
+         "latents_std": None, "layers_per_block": 3, "norm_eps": 1e-06, "norm_num_groups": 32,
+         "out_channels": 3, "sample_height": 480, "sample_width": 720, "scaling_factor": 0.7,
+         "shift_factor": None, "temporal_compression_ratio": 4, "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+         "use_post_quant_conv": False, "use_quant_conv": False, "invert_scale_latents": True}
+    cfg = VAEConfig.from_dict(d)
+    assert cfg.block_out_channels == (128, 256, 256, 512) and cfg.scaling_factor == 0.7
+    assert cfg.spatial_factor == 8 and cfg.temporal_factor == 4 and cfg.invert_scale_latents
+    with pytest.raises(ValueError):
+        VAEConfig.from_dict({**d, "act_fn": "relu"})
+    with pytest.raises(ValueError):
+        VAEConfig.from_dict({**d, "temporal_compression_ratio": 3})
+
+
+def test_frame_chunks_follow_diffusers():
+    assert frame_chunks(13, 2) == [slice(0, 3)] + [slice(i, i + 2) for i in range(3, 13, 2)]
+    assert frame_chunks(1, 2) == [slice(0, 1)] and frame_chunks(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert frame_chunks(49, 8) == [slice(0, 9)] + [slice(i, i + 8) for i in range(9, 49, 8)]
+    assert frame_chunks(5, 8) == [slice(0, 5)]
+
+
+@pytest.mark.parametrize("latent_frames", [1, 2, 3, 4])
+def test_decode_matches_diffusers(pair, latent_frames):
+    ref, ours = pair
+    z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(latent_frames))
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+    got = ours.decode(z)
+    assert rel_err(got, expected) < TOL
+
+
+@pytest.mark.parametrize("frames,height,width", [(1, 8, 8), (5, 16, 24), (9, 16, 24), (17, 8, 8)])
+def test_encode_matches_diffusers(pair, frames, height, width):
+    ref, ours = pair
+    x = torch.rand(2 if frames == 1 else 1, 3, frames, height, width,
+                   generator=torch.Generator().manual_seed(frames)) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+    mean, logvar = ours.encode(x)
+    assert rel_err(mean, dist.mean) < TOL
+    assert rel_err(logvar, dist.logvar) < TOL
+    # posterior sampling with the same seeded CPU generator
+    sample = CogVideoXVAE.sample_posterior(mean, logvar, torch.Generator().manual_seed(7))
+    assert rel_err(sample, dist.sample(torch.Generator().manual_seed(7))) < TOL
+
+
+def test_quant_convs_match_diffusers():
+    # diffusers sizes quant_conv by out_channels, so it only runs with latent_channels == out_channels
+    ref, ours = _pair(latent_channels=3, use_quant_conv=True, use_post_quant_conv=True,
+                      block_out_channels=(8, 16), temporal_compression_ratio=2,
+                      down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    z = torch.randn(1, 3, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 5, 8, 10, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+        dist = ref.encode(x).latent_dist
+    assert rel_err(ours.decode(z), expected) < TOL
+    mean, logvar = ours.encode(x)
+    assert rel_err(mean, dist.mean) < TOL and rel_err(logvar, dist.logvar) < TOL
+
+
+def test_decode_chunks_carry_the_cache(pair):
+    _, ours = pair
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first, cache = ours.decode_chunk(z[:, :, :1])
+        second, cache2 = ours.decode_chunk(z[:, :, 1:], cache)
+        cold, _ = ours.decode_chunk(z[:, :, 1:])
+    assert "conv_in" in cache and "up_blocks.0.resnets.1.conv2" in cache
+    assert all(v.shape[2] == 2 for v in cache.values()) and set(cache2) == set(cache)
+    assert (second - cold).abs().max() > 1e-4  # the cache is actually used
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_reference_causal_conv_cache_equals_one_call(split):
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(2, 3, 6, 5, 7, generator=g)
+    w, b = torch.randn(4, 3, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    whole = reference.causal_conv3d(x, w, b, None)
+    head = reference.causal_conv3d(x[:, :, :split], w, b, None)
+    past = torch.cat((x[:, :, :1].expand(-1, -1, 2, -1, -1), x[:, :, :split]), 2)[:, :, -2:]
+    tail = reference.causal_conv3d(x[:, :, split:], w, b, past)
+    assert rel_err(torch.cat((head, tail), 2), whole) < TOL
+
+
+def test_norms_and_3d_convs_go_through_the_op_set(pair):
+    ref, _ = pair
+    seen: dict[str, set[int]] = {"group_norm": set(), "causal_conv3d": set()}
+
+    def spy(name):
+        fn = getattr(reference, name)
+
+        def wrapped(x, weight, *args, **kwargs):
+            seen.setdefault(name, set()).add(weight.data_ptr())
+            return fn(x, weight, *args, **kwargs)
+        return wrapped
+
+    ops = OpSet({name: Impl("spy", spy(name)) for name in OP_NAMES})
+    vae = CogVideoXVAE(VAEConfig.from_dict(dict(ref.config)), ops)
+    vae.load_state_dict(ref.state_dict())
+    vae.decode(torch.randn(1, 4, 3, 2, 2))
+    vae.encode(torch.rand(1, 3, 5, 8, 8))
+    for module in vae.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            assert module.weight.data_ptr() in seen["group_norm"]
+        if isinstance(module, torch.nn.Conv3d):
+            assert module.weight.data_ptr() in seen["causal_conv3d"]

@@ -1,0 +1,73 @@
+"""The mp4 writer, the one-call API and the command line."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cvfast
+from cvfast import CVFastInputError
+
+
+def read_mp4(path):
+    import imageio_ffmpeg
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = [np.frombuffer(f, np.uint8).reshape(meta["size"][1], meta["size"][0], 3) for f in reader]
+    return meta, np.stack(frames)
+
+
+def test_save_video_roundtrip_keeps_size_and_frame_count(tmp_path):
+    rng = np.random.default_rng(0)
+    # Smooth content (H.264 is lossy) at a size that is not a multiple of 16: must not be resized.
+    y, x = np.mgrid[0:42, 0:70]
+    frames = np.stack([np.stack([(x + 3 * t) / 100, y / 50, np.full_like(x, t / 8.0)], -1) for t in range(7)])
+    frames = np.clip(frames + rng.normal(0, 0.001, frames.shape), 0, 1).astype(np.float32)
+    path = cvfast.save_video(frames, tmp_path / "v.mp4", fps=12)
+    meta, back = read_mp4(path)
+    assert meta["size"] == (70, 42) and meta["fps"] == 12
+    assert back.shape == (7, 42, 70, 3)
+    assert np.abs(back.astype(float) / 255 - frames).mean() < 0.03
+
+
+def test_save_video_accepts_pt_layout_and_batch_of_one(tmp_path):
+    frames = torch.rand(1, 3, 3, 16, 32)
+    meta, back = read_mp4(cvfast.save_video(frames, tmp_path / "v.mp4"))
+    assert back.shape == (3, 16, 32, 3)
+
+
+@pytest.mark.parametrize("frames,match", [
+    (np.zeros((3, 15, 32, 3)), "even width and height"),
+    (np.zeros((3, 16, 32)), "frames"),
+    (np.full((3, 16, 32, 3), np.nan), "NaN"),
+    (np.zeros((2, 3, 16, 32, 3)), "batch"),
+])
+def test_save_video_rejects(tmp_path, frames, match):
+    with pytest.raises(CVFastInputError, match=match):
+        cvfast.save_video(frames, tmp_path / "v.mp4")
+
+
+def test_one_call_generate_writes_mp4(tmp_path):
+    out = tmp_path / "tiny.mp4"
+    result = cvfast.generate("a cat", model="tiny", out=out, seed=0, num_inference_steps=2, progress=False)
+    meta, back = read_mp4(out)
+    assert back.shape == (9, 64, 96, 3) and result.frames.shape == (1, 9, 64, 96, 3)
+    with pytest.raises(CVFastInputError, match="out='x.gif'"):
+        cvfast.generate("a cat", out="x.gif")
+
+
+def test_cli_generate(tmp_path):
+    out = tmp_path / "cli.mp4"
+    proc = subprocess.run([sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--steps", "2",
+                           "--seed", "1", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout and "denoising" in proc.stdout and "decoding" in proc.stdout
+    assert read_mp4(out)[1].shape == (9, 64, 96, 3)
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--frames", "10",
+                           "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "num_frames=10" in proc.stderr and "Traceback" not in proc.stderr
