@@ -17,6 +17,7 @@ setup(
         "transformers>=4.44",
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
+        "protobuf>=4",  # transformers needs it to read a spiece.model-only T5 tokenizer (the real folders)
         "huggingface_hub>=0.24",
         "tqdm>=4.66",
         "imageio>=2.34",
