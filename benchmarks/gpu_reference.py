@@ -66,8 +66,10 @@ def environment(device) -> dict:
     env = dict(python=platform.python_version(), torch=torch.__version__, cvfast=cvfast.__version__,
                device=str(device))
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        # The device machine gets a copy of the tree without history: no commit to report there.
+        env["git_commit"] = commit if len(commit) == 40 else None
     except OSError:
         env["git_commit"] = None
     try:
@@ -113,6 +115,44 @@ def tiny_end_to_end(device) -> dict:
         out[str(dtype)] = dict(timings_s=res.timings, backends=pipe.backends(),
                                rel_l2_vs_cpu_fp32=(diff.norm() / torch.from_numpy(cpu.frames).double().norm()).item(),
                                finite=bool(torch.isfinite(torch.from_numpy(res.frames)).all()))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_stage_diff(device) -> dict:
+    """Each stage of the tiny model on `device` vs the CPU, fed the same inputs, per dtype: locates
+    where a device/dtype combination departs from the CPU run."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu = cvfast.load("tiny", device="cpu", dtype=dtype)
+        dev = cvfast.load("tiny", device=device, dtype=dtype)
+        ids_text = cpu.text_encoder.encode(["a red boat"], 32, "cpu", dtype)
+        dev_text = dev.text_encoder.encode(["a red boat"], 32, device, dtype)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 8, 12, generator=gen).to(dtype)
+        text = torch.randn(2, 32, 32, generator=gen).to(dtype)
+        t = torch.tensor([999, 500])
+        with torch.no_grad():
+            ref_v = cpu.transformer(x, text, t, cpu.transformer.position_tables(3, 8, 12, "cpu"))
+            dev_v = dev.transformer(x.to(device), text.to(device), t.to(device),
+                                    dev.transformer.position_tables(3, 8, 12, device))
+            z = torch.randn(1, 4, 3, 8, 12, generator=gen).to(dtype)
+            ref_img, dev_img = cpu.vae.decode(z), dev.vae.decode(z.to(device))
+        out[str(dtype)] = dict(text_encoder=_rel(dev_text, ids_text), transformer=_rel(dev_v, ref_v),
+                               vae_decode=_rel(dev_img, ref_img))
+        # The same stages in this dtype against fp32 on the CPU: the dtype's own error, for scale.
+        if dtype != torch.float32:
+            f32 = cvfast.load("tiny", device="cpu", dtype=torch.float32)
+            with torch.no_grad():
+                out[str(dtype)]["cpu_vs_fp32"] = dict(
+                    text_encoder=_rel(ids_text, f32.text_encoder.encode(["a red boat"], 32, "cpu", torch.float32)),
+                    transformer=_rel(ref_v, f32.transformer(x.float(), text.float(), t,
+                                                             f32.transformer.position_tables(3, 8, 12, "cpu"))),
+                    vae_decode=_rel(ref_img, f32.vae.decode(z.float())))
     return out
 
 
@@ -202,9 +242,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated section names to run")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the reference comparisons
+    # fp32 means fp32 in the reference comparisons (cuDNN convolutions default to TF32).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     results = dict(script="benchmarks/gpu_reference.py", small=args.small, env=environment(device), sections={})
     out_path = Path(args.out) / ("gpu_reference_small.json" if args.small else "gpu_reference.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +255,10 @@ def main() -> None:
                 ("attention", lambda: attention_cases(device, args.small)),
                 ("transformer_5b_forward", lambda: transformer_5b(device, args.small)),
                 ("vae_decode_49x480x720" if not args.small else "vae_decode", lambda: vae_decode(device, args.small))]
+    sections.insert(2, ("tiny_stage_diff", lambda: tiny_stage_diff(device)))
+    if args.only:
+        sections = [(n, f) for n, f in sections if n in args.only.split(",")]
+        out_path = out_path.with_name(out_path.stem + "_" + "_".join(n for n, _ in sections) + ".json")
     for name, fn in sections:
         start = time.perf_counter()
         try:
