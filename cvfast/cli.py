@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .errors import CVFastInputError
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
+    logging.getLogger("cvfast").addHandler(handler)
     from . import generate
     try:
         result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,

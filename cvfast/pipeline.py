@@ -211,6 +211,7 @@ class Pipeline:
         # The first non-finite step is recorded on the device and checked once after the loop: no
         # host sync per step.
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        step_ids = torch.arange(req.steps, device=self.device)
         prev_x0 = None
         steps = range(req.steps)
         if progress:
@@ -229,7 +230,7 @@ class Pipeline:
             if callback is not None:
                 callback(i, plan.timesteps_host[i], latents)
             bad = ~torch.isfinite(latents).all()
-            first_bad = torch.where(bad & (first_bad < 0), torch.tensor(i, device=self.device), first_bad)
+            first_bad = torch.where(bad & (first_bad < 0), step_ids[i], first_bad)
         bad_step = int(first_bad)
         if bad_step >= 0:
             raise NonFiniteLatentsError(

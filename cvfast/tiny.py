@@ -22,7 +22,7 @@ SEED = 20240806  # fixed: "tiny" is the same model on every machine
 TEXT_DIM = 32
 TRANSFORMER = TransformerConfig(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
                                 time_embed_dim=32, text_embed_dim=TEXT_DIM, num_layers=2, sample_height=8,
-                                sample_width=12, sample_frames=9, max_text_seq_length=32,
+                                sample_width=12, sample_frames=9, max_text_seq_length=226,
                                 use_rotary_positional_embeddings=True)
 VAE = VAEConfig.from_dict(dict(block_out_channels=[16, 32, 32, 32], norm_num_groups=8, layers_per_block=1,
                                latent_channels=4, scaling_factor=0.7, sample_height=64, sample_width=96))

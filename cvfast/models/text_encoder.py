@@ -1,9 +1,11 @@
 """The T5 text encoder, through `transformers`, with the model folder's own tokenizer."""
 from __future__ import annotations
 
-import warnings
+import logging
 
 import torch
+
+logger = logging.getLogger("cvfast")
 
 
 class TextEncoder:
@@ -26,8 +28,8 @@ class TextEncoder:
             if len(ids) > max_length:
                 # The last kept position holds the end-of-sequence token, so the cut starts one earlier.
                 dropped = self.tokenizer.decode(ids[max_length - 1:-1])
-                warnings.warn(f"prompt is longer than max_sequence_length={max_length} tokens "
-                              f"({len(ids)}); this part was dropped: {dropped!r}", stacklevel=3)
+                logger.warning("prompt is longer than max_sequence_length=%d tokens (%d); this part was "
+                               "dropped: %r", max_length, len(ids), dropped)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], max_length: int, device, dtype) -> torch.Tensor:
