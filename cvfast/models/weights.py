@@ -71,6 +71,14 @@ _TRANSFORMER_RENAMES = [
 _QKV = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)")
 
 
+def _rename(key: str) -> str | None:
+    """cvfast's name for a diffusers transformer tensor other than to_q/to_k/to_v (None: unknown)."""
+    for pattern, target in _TRANSFORMER_RENAMES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, target, key)
+    return None
+
+
 def transformer_state_dict(tensors: dict[str, tuple[torch.Tensor, Path]]) -> dict[str, tuple[torch.Tensor, str]]:
     """Rename diffusers transformer tensors to cvfast's, fusing to_q/to_k/to_v into one `qkv`
     projection and flattening the 2D patch convolution into a linear layer.
@@ -82,15 +90,13 @@ def transformer_state_dict(tensors: dict[str, tuple[torch.Tensor, Path]]) -> dic
         if match:
             qkv_parts.setdefault((match[1], match[3]), {})[match[2]] = (tensor, where)
             continue
-        for pattern, target in _TRANSFORMER_RENAMES:
-            if re.fullmatch(pattern, key):
-                name = re.sub(pattern, target, key)
-                if name == "patch_proj.weight" and tensor.dim() == 4:  # Conv2d(stride=p) == Linear over patches
-                    tensor = tensor.reshape(tensor.shape[0], -1)
-                out[name] = (tensor, where)
-                break
-        else:
+        name = _rename(key)
+        if name is None:
             unknown.append(where)
+            continue
+        if name == "patch_proj.weight" and tensor.dim() == 4:  # Conv2d(stride=p) == Linear over patches
+            tensor = tensor.reshape(tensor.shape[0], -1)
+        out[name] = (tensor, where)
     if unknown:
         raise WeightError(f"unknown transformer tensors (not part of any CogVideoX variant): {unknown[:10]}"
                           + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
@@ -100,6 +106,19 @@ def transformer_state_dict(tensors: dict[str, tuple[torch.Tensor, Path]]) -> dic
             where = next(iter(parts.values()))[1]
             raise WeightError(f"block {layer} has no to_{'/to_'.join(missing)}.{kind} next to {where}")
         out[f"blocks.{layer}.qkv.{kind}"] = (torch.cat([parts[p][0] for p in "qkv"]), parts["q"][1])
+    return out
+
+
+def to_diffusers_state_dict(ours: dict[str, torch.Tensor], target_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The inverse of `transformer_state_dict`: cvfast tensors under diffusers' names, for the
+    diffusers model whose `state_dict()` shapes are `target_shapes` (views, no copies)."""
+    out = {}
+    for key, shape in target_shapes.items():
+        match = _QKV.fullmatch(key)
+        if match:
+            out[key] = ours[f"blocks.{match[1]}.qkv.{match[3]}"].chunk(3)["qkv".index(match[2])]
+        else:
+            out[key] = ours[_rename(key)].reshape(shape)
     return out
 
 

@@ -46,6 +46,11 @@ _BACKENDS: dict[str, list[Impl]] = {
 BACKEND_CHOICES = ("auto", "reference", "sdpa")
 
 
+def alternatives(op: str) -> list[Impl]:
+    """The registered non-reference implementations of `op`, in order of preference."""
+    return list(_BACKENDS.get(op, []))
+
+
 @dataclass(frozen=True)
 class OpSet:
     """The implementation chosen for each op; modules call `ops.attention(...)` etc."""

@@ -1,0 +1,104 @@
+"""`e2e` suite: text encoding, one denoising step, the denoising loop and the VAE decode, each timed
+separately, per cvfast backend and (with --baseline diffusers) through diffusers' pipeline holding
+the same weights, in the same run, so that every speed-up is a ratio measured side by side."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .harness import Row, measured_row
+from .models import build, diffusers_pipeline
+
+PROMPT = "a red panda eating bamboo in a misty forest, cinematic lighting"
+STAGES = ("text_encoding", "one_step", "loop", "decode")
+
+
+def _stages_cvfast(pipe, size: dict, steps: int, seed: int):
+    """Callables per stage; the loop also returns its final latents (for the cross-check)."""
+    max_len = pipe.config.max_text_seq_length
+    text = lambda: pipe.text_encoder.encode(["", PROMPT], max_len, pipe.device, pipe.dtype)  # noqa: E731
+    embeds = text()
+    kw = dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], seed=seed, progress=False,
+              output_type="latent", **size)
+    latents = pipe.generate(num_inference_steps=1, **kw).frames
+    return dict(text_encoding=text,
+                one_step=lambda: pipe.generate(num_inference_steps=1, **kw),
+                loop=lambda: pipe.generate(num_inference_steps=steps, **kw).frames,
+                decode=lambda: pipe.decode(latents))
+
+
+def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, device):
+    def text():
+        return pipe.encode_prompt(PROMPT, "", do_classifier_free_guidance=True, max_sequence_length=max_len,
+                                  device=device)
+    cond, uncond = text()
+    kw = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, output_type="latent", **size)
+    gen = lambda: torch.Generator("cpu").manual_seed(seed)  # noqa: E731
+    latents = pipe(num_inference_steps=1, generator=gen(), **kw).frames
+    return dict(text_encoding=text,
+                one_step=lambda: pipe(num_inference_steps=1, generator=gen(), **kw),
+                loop=lambda: pipe(num_inference_steps=steps, generator=gen(), **kw).frames,
+                decode=lambda: pipe.decode_latents(latents))
+
+
+def _measure(stages: dict, label: str, backend: str, device, iters: int, case_size: str) -> tuple[list[Row], object]:
+    rows, final = [], None
+    for stage in STAGES:
+        fn = stages[stage]
+        if stage == "loop":  # long: once, after the one-step runs warmed everything up
+            holder = {}
+            row = measured_row("e2e", f"{label} {stage}", backend, lambda: holder.setdefault("out", fn()), device,
+                               warmup=0, iters=1, size=case_size)
+            final = holder["out"]
+        else:
+            row = measured_row("e2e", f"{label} {stage}", backend, fn, device, warmup=1, iters=iters, size=case_size)
+        rows.append(row)
+    return rows, final
+
+
+def run_e2e(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,
+            steps: int, backends: list[str], baseline: str | None, iters: int = 3, seed: int = 0) -> list[Row]:
+    size = dict(num_frames=frames, height=height, width=width)
+    case_size = f"{frames}x{height}x{width}, {steps} steps, CFG"
+    rows, finals, pipe = [], {}, None
+    for backend in backends:
+        pipe = build(model, device, dtype, backend)
+        measured, finals[backend] = _measure(_stages_cvfast(pipe, size, steps, seed), model, backend, device, iters,
+                                             case_size)
+        rows += measured
+        if backend != backends[-1]:
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if baseline == "diffusers":
+        try:
+            ref = diffusers_pipeline(pipe)
+        except ImportError as exc:
+            rows.append(Row("e2e", f"{model} diffusers baseline", "diffusers", extra=dict(skipped=f"no diffusers: {exc}")))
+        else:
+            measured, finals["diffusers"] = _measure(
+                _stages_diffusers(ref, size, steps, seed, pipe.config.max_text_seq_length, device), model,
+                "diffusers", device, iters, case_size)
+            rows += measured
+    _add_ratios(rows, finals)
+    return rows
+
+
+def _add_ratios(rows: list[Row], finals: dict) -> None:
+    """speedup_vs_<other> on every row whose stage the other backend also measured, and the relative
+    L2 distance of each backend's final latents from the first backend's (same seed and weights)."""
+    by_stage = {}
+    for row in rows:
+        if row.median_ms is not None:
+            by_stage.setdefault(row.case, {})[row.backend] = row
+    for stage_rows in by_stage.values():
+        for row in stage_rows.values():
+            for other, other_row in stage_rows.items():
+                if other != row.backend:
+                    row.extra[f"speedup_vs_{other}"] = other_row.median_ms / row.median_ms
+    names = list(finals)
+    base = np.asarray(finals[names[0]].float().cpu())
+    for row in rows:
+        if row.case.endswith("loop") and row.backend in finals and row.backend != names[0]:
+            got = np.asarray(finals[row.backend].float().cpu())
+            row.extra[f"latents_rel_l2_vs_{names[0]}"] = float(np.linalg.norm(got - base) / np.linalg.norm(base))

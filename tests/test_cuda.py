@@ -1,0 +1,72 @@
+"""Checks that need a CUDA device; skipped elsewhere. The `gpu` benchmark suite runs this file first.
+
+They hold the CUDA path to the CPU oracle: fp32 (TF32 off) equal to the CPU run to rounding, and in
+bf16 each stage within twice the error bf16 itself makes on the CPU (FlashAttention's rule applied
+to whole stages)."""
+import pytest
+import torch
+
+import cvfast
+from cvfast.ops import reference, sdpa
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_defaults_on_cuda_are_cuda_bf16():
+    pipe = cvfast.load("tiny")
+    assert pipe.device.type == "cuda" and pipe.dtype == torch.bfloat16
+    assert pipe.backends()["attention"] == "sdpa"
+
+
+def test_tiny_fp32_on_cuda_equals_cpu():
+    kw = dict(num_inference_steps=4, seed=0, progress=False)
+    cpu = cvfast.load("tiny", device="cpu").generate("a red boat", **kw).frames
+    gpu = cvfast.load("tiny", device="cuda", dtype=torch.float32).generate("a red boat", **kw).frames
+    assert torch.isfinite(torch.from_numpy(gpu)).all()
+    assert rel(torch.from_numpy(gpu), torch.from_numpy(cpu)) < 1e-5
+
+
+def test_bf16_stages_within_twice_bf16_own_error():
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 3, 4, 8, 12, generator=gen), torch.randn(2, 226, 32, generator=gen)
+    z, t = torch.randn(1, 4, 3, 8, 12, generator=gen), torch.tensor([999, 500])
+    f32 = cvfast.load("tiny", device="cpu")
+    cpu16 = cvfast.load("tiny", device="cpu", dtype=torch.bfloat16)
+    gpu16 = cvfast.load("tiny", device="cuda", dtype=torch.bfloat16)
+
+    def stages(pipe, dtype):
+        dev = pipe.device
+        with torch.no_grad():
+            v = pipe.transformer(x.to(dev, dtype), text.to(dev, dtype), t.to(dev),
+                                 pipe.transformer.position_tables(3, 8, 12, dev))
+            img = pipe.vae.decode(z.to(dev, dtype))
+        return pipe.text_encoder.encode(["a red boat"], 226, dev, dtype), v, img
+
+    exact, own, got = stages(f32, torch.float32), stages(cpu16, torch.bfloat16), stages(gpu16, torch.bfloat16)
+    for name, e, o, g in zip(("text", "transformer", "vae"), exact, own, got):
+        assert torch.isfinite(g).all(), name
+        assert rel(g, e) <= 2 * rel(o, e) + 1e-3, name
+
+
+@pytest.mark.parametrize("heads,seq", [(48, 17776), (30, 4001), (3, 333)])
+def test_sdpa_at_cogvideox_sizes(heads, seq):
+    torch.manual_seed(seq)
+    q, k, v = (torch.randn(1, heads, seq, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    exact = reference.attention(q.float(), k.float(), v.float())
+    got = sdpa.attention(q, k, v)
+    own = reference.attention(q, k, v)  # PyTorch math in bf16 in/out (fp32 inside): bf16's own error
+    assert torch.isfinite(got).all()
+    assert (got.float() - exact).abs().max() <= 2 * (own.float() - exact).abs().max() + 1e-6
