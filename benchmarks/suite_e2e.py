@@ -42,16 +42,26 @@ def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, dev
 
 
 def _measure(stages: dict, label: str, backend: str, device, iters: int, case_size: str) -> tuple[list[Row], object]:
+    """One row per stage; a stage that fails (e.g. out of memory) becomes an error row and the
+    others are still measured."""
     rows, final = [], None
     for stage in STAGES:
-        fn = stages[stage]
-        if stage == "loop":  # long: once, after the one-step runs warmed everything up
-            holder = {}
-            row = measured_row("e2e", f"{label} {stage}", backend, lambda: holder.setdefault("out", fn()), device,
-                               warmup=0, iters=1, size=case_size)
-            final = holder["out"]
-        else:
-            row = measured_row("e2e", f"{label} {stage}", backend, fn, device, warmup=1, iters=iters, size=case_size)
+        fn, holder = stages[stage], {}
+        try:
+            if stage == "loop":  # long: once, after the one-step runs warmed everything up
+                row = measured_row("e2e", f"{label} {stage}", backend, lambda: holder.update(out=fn()), device,
+                                   warmup=0, iters=1, size=case_size)
+                final = holder["out"]
+            else:
+                row = measured_row("e2e", f"{label} {stage}", backend, fn, device, warmup=1, iters=iters,
+                                   size=case_size)
+        except Exception as exc:  # a failed stage must not cost the other measurements
+            row = Row("e2e", f"{label} {stage}", backend, extra=dict(error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            if device.type == "cuda":
+                row.extra["peak_gib_before_failure"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        holder.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(row)
     return rows, final
 
@@ -96,6 +106,9 @@ def _add_ratios(rows: list[Row], finals: dict) -> None:
             for other, other_row in stage_rows.items():
                 if other != row.backend:
                     row.extra[f"speedup_vs_{other}"] = other_row.median_ms / row.median_ms
+    finals = {k: v for k, v in finals.items() if v is not None}
+    if not finals:
+        return
     names = list(finals)
     base = np.asarray(finals[names[0]].float().cpu())
     for row in rows:
