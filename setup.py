@@ -25,7 +25,8 @@ setup(
     ],
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.
-        "test": ["pytest>=8", "diffusers>=0.32"],
+        "test": ["pytest>=8", "diffusers>=0.32", "matplotlib>=3.8"],
+        "bench": ["matplotlib>=3.8"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["cvfast=cvfast.cli:main"]},

@@ -14,12 +14,12 @@ STAGES = ("text_encoding", "one_step", "loop", "decode")
 
 
 def _stages_cvfast(pipe, size: dict, steps: int, seed: int):
-    """Callables per stage; the loop also returns its final latents (for the cross-check)."""
-    max_len = pipe.config.max_text_seq_length
-    text = lambda: pipe.text_encoder.encode(["", PROMPT], max_len, pipe.device, pipe.dtype)  # noqa: E731
+    """Callables per stage, each the pipeline's own code path. The loop returns its final latents
+    (for the cross-check between backends)."""
+    kw = dict(seed=seed, progress=False, output_type="latent", **size)
+    text = lambda: pipe.encode_text(PROMPT)  # noqa: E731
     embeds = text()
-    kw = dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], seed=seed, progress=False,
-              output_type="latent", **size)
+    kw.update(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1])
     latents = pipe.generate(num_inference_steps=1, **kw).frames
     return dict(text_encoding=text,
                 one_step=lambda: pipe.generate(num_inference_steps=1, **kw),
@@ -28,9 +28,22 @@ def _stages_cvfast(pipe, size: dict, steps: int, seed: int):
 
 
 def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, device):
+    """The same stages through diffusers' pipeline. Its `__call__` runs under no_grad; the pieces
+    called here on their own (encode_prompt, decode_latents) need it too, or autograd keeps every
+    activation of the VAE decode alive."""
+    pipe.transformer.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    no_grad = torch.no_grad()
+
     def text():
-        return pipe.encode_prompt(PROMPT, "", do_classifier_free_guidance=True, max_sequence_length=max_len,
-                                  device=device)
+        with no_grad:
+            return pipe.encode_prompt(PROMPT, "", do_classifier_free_guidance=True, max_sequence_length=max_len,
+                                      device=device)
+
+    def decode():
+        with no_grad:
+            return pipe.decode_latents(latents)
+
     cond, uncond = text()
     kw = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, output_type="latent", **size)
     gen = lambda: torch.Generator("cpu").manual_seed(seed)  # noqa: E731
@@ -38,7 +51,7 @@ def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, dev
     return dict(text_encoding=text,
                 one_step=lambda: pipe(num_inference_steps=1, generator=gen(), **kw),
                 loop=lambda: pipe(num_inference_steps=steps, generator=gen(), **kw).frames,
-                decode=lambda: pipe.decode_latents(latents))
+                decode=decode)
 
 
 def _measure(stages: dict, label: str, backend: str, device, iters: int, case_size: str) -> tuple[list[Row], object]:

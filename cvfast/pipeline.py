@@ -183,17 +183,30 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
 
     def encode_prompts(self, req: _Request) -> torch.Tensor:
-        """Text embeddings for the batch: (2B, L, D) [negative; positive] with CFG, else (B, L, D)."""
-        cond = req.prompt_embeds
-        if cond is None:
-            cond = self.text_encoder.encode(req.prompts, req.max_len, self.device, self.dtype)
-        cond = cond.to(self.device, self.dtype)
-        if req.guidance <= 1.0:
+        """Text embeddings for the batch: (2B, L, D) [negative; positive] with CFG, else (B, L, D).
+        Whatever needs encoding goes through T5 in one batched call."""
+        cfg_on = req.guidance > 1.0
+        texts = []
+        if cfg_on and req.negative_embeds is None:
+            texts += req.negative or [""] * req.batch
+        if req.prompt_embeds is None:
+            texts += req.prompts
+        encoded = self.text_encoder.encode(texts, req.max_len, self.device, self.dtype) if texts else None
+        cond = req.prompt_embeds.to(self.device, self.dtype) if req.prompt_embeds is not None else encoded[-req.batch:]
+        if not cfg_on:
             return cond
-        uncond = req.negative_embeds
-        if uncond is None:
-            uncond = self.text_encoder.encode(req.negative or [""] * req.batch, req.max_len, self.device, self.dtype)
-        return torch.cat((uncond.to(self.device, self.dtype), cond))
+        uncond = req.negative_embeds.to(self.device, self.dtype) if req.negative_embeds is not None \
+            else encoded[:req.batch]
+        return torch.cat((uncond, cond))
+
+    @torch.no_grad()
+    def encode_text(self, prompt, *, negative_prompt=None, guidance_scale: float = 6.0,
+                    max_sequence_length: int | None = None) -> torch.Tensor:
+        """The text stage of `generate` on its own: (2B, L, D) [negative; positive] with CFG
+        (guidance_scale > 1), else (B, L, D); split it into prompt_embeds/negative_prompt_embeds."""
+        req = self._validate(prompt, negative_prompt, None, None, None, None, None, 1, guidance_scale, False,
+                             max_sequence_length, "latent", None, None, None)
+        return self.encode_prompts(req)
 
     def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
         # Drawn on the generator's device in the latent dtype, then moved: what diffusers' randn_tensor

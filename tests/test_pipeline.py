@@ -127,3 +127,13 @@ def test_real_tokenizer_layout_and_mixed_component_dtypes(tmp_path):
     ids_json = reference.text_encoder.tokenizer(PROMPT).input_ids
     assert ids_real == ids_json
     assert torch.isfinite(pipe.generate(PROMPT, **req_kw).frames).all()
+
+
+def test_encode_text_then_embeddings_gives_the_same_video():
+    pipe = cvfast.load("tiny")
+    embeds = pipe.encode_text("a cat", negative_prompt="blurry")
+    assert embeds.shape == (2, 226, 32)
+    kw = dict(num_inference_steps=2, seed=4, progress=False, output_type="latent")
+    from_text = pipe.generate("a cat", negative_prompt="blurry", **kw).frames
+    from_embeds = pipe.generate(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], **kw).frames
+    assert torch.equal(from_text, from_embeds)

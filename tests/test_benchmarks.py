@@ -1,0 +1,81 @@
+"""The CPU-side parts of benchmarks/run.py: argument handling, JSON and markdown writing, skipping
+what the device lacks, and the diffusers baseline computing what cvfast computes."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import run  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--suite", "fastest"], "invalid choice"),
+    (["--frames", "0"], "--frames=0"),
+    (["--backends", "reference,warp"], "warp"),
+    (["--model", "7b"], "invalid choice"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def load(path):
+    record = json.loads(Path(path).read_text())
+    for key in ("suite", "date", "args", "env", "ceilings", "summary", "rows"):
+        assert key in record
+    assert record["env"]["torch"] == torch.__version__
+    return record
+
+
+def test_default_run_writes_valid_json(tmp_path):
+    record = load(run.main(["--json", str(tmp_path / "d.json")]))
+    cases = {(r["suite"], r["backend"]) for r in record["rows"]}
+    assert ("ops", "reference") in cases and ("ops", "sdpa") in cases
+    assert ("e2e", "reference") in cases and ("e2e", "auto") in cases
+    for row in record["rows"]:
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert record["ceilings"]["matmul_tflops"] > 0 and record["ceilings"]["copy_gbps"] > 0
+
+
+def test_e2e_with_diffusers_baseline_measures_both_with_ratios(tmp_path):
+    pytest.importorskip("diffusers")
+    record = load(run.main(["--suite", "e2e", "--baseline", "diffusers", "--steps", "2", "--backends", "auto",
+                            "--json", str(tmp_path / "e.json")]))
+    rows = {(r["case"], r["backend"]): r for r in record["rows"]}
+    for stage in ("text_encoding", "one_step", "loop", "decode"):
+        ours, theirs = rows[(f"tiny {stage}", "auto")], rows[(f"tiny {stage}", "diffusers")]
+        assert ours["extra"]["speedup_vs_diffusers"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
+    # Same weights and seed: diffusers' latents are cvfast's to fp32 rounding.
+    assert rows[("tiny loop", "diffusers")]["extra"]["latents_rel_l2_vs_auto"] < 1e-5
+
+
+def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the suite would run for real")
+    out = run.main(["--suite", "gpu", "--steps", "1", "--backends", "auto", "--json", str(tmp_path / "g.json")])
+    record = load(out)
+    skipped = {r["case"]: r["extra"]["skipped"] for r in record["rows"] if "skipped" in r["extra"]}
+    assert "no CUDA device" in skipped["pytest tests/test_cuda.py"]
+    assert "e2e 2b" in skipped
+    assert any(r["case"] == "tiny loop" and r["backend"] == "auto" for r in record["rows"])
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.startswith("# gpu suite, cpu") and "| e2e | tiny loop | auto |" in markdown
+
+
+def test_roofline_through_the_entry_point(tmp_path):
+    record = load(run.main(["--suite", "roofline", "--model", "2b", "--json", str(tmp_path / "r.json")]))
+    assert record["summary"]["forward_tflop"] == pytest.approx(120.0, rel=0.01)
+    assert record["rows"] and all(r["backend"] == "floor" for r in record["rows"])
+
+
+def test_plot_draws_every_run_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+    record = run.main(["--suite", "e2e", "--steps", "1", "--json", str(tmp_path / "e.json")])
+    pngs = plot.main([str(record), "--out", str(tmp_path / "plots")])
+    assert [p.name for p in pngs] == ["e-e2e.png"]
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
