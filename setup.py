@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.66",
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
+        "pillow>=10",
     ],
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.

@@ -13,7 +13,7 @@ from .models.transformer import CogVideoXTransformer
 from .models.vae import CogVideoXVAE, VAEConfig
 from .models.weights import load_into, read_tensors, transformer_state_dict
 from .ops import OpSet, resolve
-from .pipeline import Pipeline
+from .pipeline import OFFLOAD_CHOICES, Pipeline
 from .sampler.schedulers import SchedulerConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -78,7 +78,7 @@ def family_defaults(cfg: TransformerConfig, spatial_factor: int) -> dict:
 
 
 def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpSet, allow_fp16: bool,
-                name: str | None = None) -> Pipeline:
+                offload: str = "none", name: str | None = None) -> Pipeline:
     _read_json(folder / "model_index.json")
     t_cfg = TransformerConfig.from_dict(_read_json(folder / "transformer" / "config.json"))
     _check_fp16(dtype, t_cfg, allow_fp16)
@@ -90,13 +90,15 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpS
     with torch.device("meta"):
         transformer = CogVideoXTransformer(t_cfg, ops)
         vae = CogVideoXVAE(v_cfg, ops)
-    load_into(transformer, transformer_state_dict(read_tensors(folder / "transformer")), "transformer", dtype, device)
+    # With offload="model" every component starts on the CPU and visits the device when it runs.
+    home = torch.device("cpu") if offload == "model" else device
+    load_into(transformer, transformer_state_dict(read_tensors(folder / "transformer")), "transformer", dtype, home)
     vae_tensors = {k: (t, f"{path}:{k}") for k, (t, path) in read_tensors(folder / "vae").items()}
-    load_into(vae, vae_tensors, "vae", dtype, device)
-    text_encoder = _load_text_encoder(folder, device, dtype)
+    load_into(vae, vae_tensors, "vae", dtype, home)
+    text_encoder = _load_text_encoder(folder, home, dtype)
     return Pipeline(name=name or str(folder), transformer=transformer.eval(), vae=vae.eval(),
                     text_encoder=text_encoder, scheduler=s_cfg, ops=ops, device=device, dtype=dtype,
-                    defaults=family_defaults(t_cfg, v_cfg.spatial_factor))
+                    defaults=family_defaults(t_cfg, v_cfg.spatial_factor), offload=offload)
 
 
 def _download(repo_id: str) -> Path:
@@ -110,26 +112,30 @@ def _download(repo_id: str) -> Path:
             "local folder instead.") from exc
 
 
-def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False) -> Pipeline:
+def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
+         offload: str = "none") -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
     seeded random-weight model of the real architecture; its video is noise). device: default CUDA
     when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference"
-    or "sdpa" (see `cvfast.ops.resolve`).
+    or "sdpa" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep the components on
+    the CPU and bring each to the device only while it runs (text encoder, transformer, VAE).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ops = resolve(backend, dev)
+    if offload not in OFFLOAD_CHOICES:
+        raise bad_arg("offload", offload, f"one of {OFFLOAD_CHOICES}")
     if not isinstance(model, (str, Path)):
         raise bad_arg("model", model, "a folder path, a hub id like 'THUDM/CogVideoX-5b', or 'tiny'")
     if str(model) == "tiny":
         from .tiny import build_tiny
-        return build_tiny(dev, dt, ops)
+        return build_tiny(dev, dt, ops, offload)
     path = Path(model).expanduser()
     if path.is_dir():
-        return load_folder(path, dev, dt, ops, allow_fp16)
+        return load_folder(path, dev, dt, ops, allow_fp16, offload)
     parts = str(model).split("/")
     if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
-        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, name=str(model))
+        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, offload, name=str(model))
     raise bad_arg("model", str(model), "an existing folder, a hub id 'org/name', or 'tiny'")

@@ -1,6 +1,12 @@
-"""Text-to-video generation: validate, encode text, denoise, decode."""
+"""Generation: validate, encode text (and the image or video), denoise, decode.
+
+Three modes share one path: text-to-video; image-to-video (an I2V model: the image's latent is
+concatenated to the noise on channels); video-to-video (a T2V model: the video's latent, noised to
+the timestep `strength` selects, replaces the initial noise).
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -10,25 +16,33 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import CVFastInputError, NonFiniteLatentsError, bad_arg
+from .errors import NonFiniteLatentsError, bad_arg
+from .media import frames_list, to_vae_input
 from .models.config import TransformerConfig
 from .models.text_encoder import TextEncoder
 from .models.transformer import CogVideoXTransformer
-from .models.vae import CogVideoXVAE
+from .models.vae import CogVideoXVAE, Tiling
+from .models.vae_memory import (choose_tiling, free_device_bytes, projected_decode_peak_bytes,
+                                projected_encode_peak_bytes)
 from .ops import OpSet
 from .sampler import schedulers
 
 OUTPUT_TYPES = ("np", "pt", "latent")
+OFFLOAD_CHOICES = ("none", "model")
+# CogVideoX1.5-I2V was trained at a short side of 768 and a long side of 768..1360 (THUDM model card).
+I2V_15_SHORT, I2V_15_LONG = 768, (768, 1360)
 
 
 @dataclass
 class GenerationResult:
     """`frames`: np (batch, frames, height, width, 3) float32 in [0, 1]; pt (batch, frames, 3, height,
-    width); latent (batch, latent_frames, channels, h, w). `timings`: seconds per stage."""
+    width); latent (batch, latent_frames, channels, h, w). `timings`: seconds per stage;
+    `peak_memory_gib`: the peak device memory allocated in each stage (CUDA only, else empty)."""
     frames: np.ndarray | torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     fps: int = 8
     seed: int | None = None
+    peak_memory_gib: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +61,11 @@ class _Request:
     dynamic_cfg: bool
     max_len: int
     output_type: str
+    mode: str = "t2v"                     # "t2v", "i2v" or "v2v"
+    frames: list | None = None            # the image (one frame) or the video's frames
+    image_noise_sigma: float | str | None = None
+    start: int = 0                        # first step of the schedule (video-to-video)
+    vae_tiling: bool | str = "auto"
 
 
 def _as_prompt_list(name: str, value) -> list[str] | None:
@@ -65,6 +84,19 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _pick(value, default):
+    return default if value is None else value  # 0 is a value, not "unset"
+
+
+def _frame_size(frame) -> tuple[int, int]:
+    """(height, width) of one conditioning frame, whatever its type."""
+    if hasattr(frame, "size") and not callable(frame.size) and not isinstance(frame, np.ndarray):
+        width, height = frame.size  # PIL
+        return height, width
+    shape = tuple(frame.shape)
+    return (shape[1], shape[2]) if isinstance(frame, torch.Tensor) else (shape[0], shape[1])
+
+
 def dynamic_guidance(scale: float, timestep: int, num_steps: int) -> float:
     """CogVideoX's dynamic CFG: the scale ramps up as timesteps fall, as its pipelines compute it."""
     return 1 + scale * ((1 - math.cos(math.pi * ((num_steps - timestep) / num_steps) ** 5.0)) / 2)
@@ -75,10 +107,12 @@ class Pipeline:
 
     def __init__(self, *, name: str, transformer: CogVideoXTransformer, vae: CogVideoXVAE,
                  text_encoder: TextEncoder, scheduler: schedulers.SchedulerConfig, ops: OpSet,
-                 device: torch.device, dtype: torch.dtype, defaults: dict):
+                 device: torch.device, dtype: torch.dtype, defaults: dict, offload: str = "none"):
         self.name, self.transformer, self.vae = name, transformer, vae
         self.text_encoder, self.scheduler, self.ops = text_encoder, scheduler, ops
         self.device, self.dtype, self.defaults = device, dtype, defaults
+        # offload="model": components live on the CPU and each comes to `device` only while it runs.
+        self.offload, self.home = offload, torch.device("cpu")
 
     @property
     def config(self) -> TransformerConfig:
@@ -90,11 +124,36 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return (f"Pipeline({self.name!r}, variant={self.config.variant}, device={self.device}, "
-                f"dtype={self.dtype}, scheduler={self.scheduler.kind})")
+                f"dtype={self.dtype}, scheduler={self.scheduler.kind}, offload={self.offload})")
+
+    # -- placement (offload="model") ----------------------------------------------------------
+
+    def _components(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder.model, "transformer": self.transformer, "vae": self.vae}
+
+    def placement(self) -> dict[str, str]:
+        """Where each component's weights are now, e.g. {'transformer': 'cpu', 'vae': 'cuda:0', ...}."""
+        return {name: str(next(m.parameters()).device) for name, m in self._components().items()}
+
+    def _place(self, module: torch.nn.Module, device: torch.device) -> None:
+        if next(module.parameters()).device != device:
+            module.to(device)
+
+    def _use(self, name: str) -> None:
+        """With offload="model", bring `name` to the compute device and send the others home first
+        (so the device never holds two components); without offload, nothing moves."""
+        if self.offload != "model":
+            return
+        for other, module in self._components().items():
+            if other != name:
+                self._place(module, self.home)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give what the others held back before the next one arrives
+        self._place(self._components()[name], self.device)
 
     # -- validation ---------------------------------------------------------------------------
 
-    def _check_size(self, num_frames: int, height: int, width: int) -> None:
+    def _check_size(self, num_frames: int, height: int, width: int, mode: str, allow_untrained_size: bool) -> None:
         cfg, tf = self.config, self.vae.config.temporal_factor
         # The VAE decodes latent frames in pairs after an odd first chunk (as CogVideoX does), so an
         # even latent count K decodes to 4K frames, not the 4K - 3 asked for: only an odd K, i.e.
@@ -117,10 +176,55 @@ class Pipeline:
                 raise bad_arg("num_frames/height/width", (num_frames, height, width),
                               f"this {cfg.variant} model has learned positional embeddings for exactly "
                               f"{table[0]} frames at {table[1]}x{table[2]}")
+        if mode == "i2v" and cfg.variant == "1.5-i2v" and not allow_untrained_size:
+            short, long = sorted((height, width))
+            if short != I2V_15_SHORT or not I2V_15_LONG[0] <= long <= I2V_15_LONG[1] or (num_frames - 1) % 16:
+                raise bad_arg("num_frames/height/width", (num_frames, height, width),
+                              f"CogVideoX1.5-I2V sizes: one side {I2V_15_SHORT}, the other {I2V_15_LONG[0]} to "
+                              f"{I2V_15_LONG[1]} (multiples of 16), 16N+1 frames, e.g. (81, 768, 1360); "
+                              "pass allow_untrained_size=True to generate at other sizes anyway")
 
-    def _validate(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height,
-                  width, num_inference_steps, guidance_scale, use_dynamic_cfg, max_sequence_length,
-                  output_type, latents, seed, generator) -> _Request:
+    def _check_condition(self, image, video, strength, image_noise_sigma, latents, num_frames, steps) -> tuple:
+        """The mode and the conditioning frames; the first step for video-to-video."""
+        i2v_model = self.config.is_image_to_video
+        if image is not None and video is not None:
+            raise bad_arg("video", "frames", "None when `image` is given: one conditioning input at a time")
+        if i2v_model and image is None:
+            raise bad_arg("image", None, f"an image: this {self.config.variant} model is image-to-video")
+        if image is not None and not i2v_model:
+            raise bad_arg("image", type(image).__name__, f"None for this {self.config.variant} text-to-video model "
+                          "(use an image-to-video model, or video= for video-to-video)")
+        if not (image_noise_sigma is None or image_noise_sigma == "sample" or (
+                isinstance(image_noise_sigma, (int, float)) and not isinstance(image_noise_sigma, bool)
+                and math.isfinite(image_noise_sigma) and image_noise_sigma >= 0)):
+            raise bad_arg("image_noise_sigma", image_noise_sigma, "None, a number >= 0 or 'sample'")
+        if image_noise_sigma is not None and image is None:
+            raise bad_arg("image_noise_sigma", image_noise_sigma, "None without an image")
+        if image is not None:
+            return "i2v", frames_list("image", image)[:1], 0
+        if video is None:
+            return "t2v", None, 0
+        if self.config.patch_size_t is not None:
+            raise bad_arg("video", "frames", f"None for this {self.config.variant} model: video-to-video needs a "
+                          "latent frame count divisible by its temporal patch (2), which this VAE cannot decode "
+                          "back to the video's frame count; use a CogVideoX 1.0 (2B/5B) model")
+        frames = frames_list("video", video)
+        if num_frames is not None and num_frames != len(frames):
+            raise bad_arg("num_frames", num_frames, f"None or the video's frame count {len(frames)}")
+        if latents is not None:
+            raise bad_arg("latents", "tensor", "None with video=: the video's latents start the denoising")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise bad_arg("strength", strength, "a number in (0, 1]")
+        if int(steps * strength) < 1:
+            raise bad_arg("strength", strength, f"at least 1 / num_inference_steps = {1 / steps:.3g}: with "
+                          f"{steps} steps no denoising step would run")
+        return "v2v", frames, schedulers.first_step(steps, strength)
+
+    def _validate(self, *, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                  image=None, image_noise_sigma=None, video=None, strength=0.8, num_frames=None, height=None,
+                  width=None, num_inference_steps=50, guidance_scale=6.0, use_dynamic_cfg=False, seed=None,
+                  generator=None, latents=None, max_sequence_length=None, vae_tiling="auto", output_type="np",
+                  allow_untrained_size=False) -> _Request:
         prompts, negative = _as_prompt_list("prompt", prompt), _as_prompt_list("negative_prompt", negative_prompt)
         if prompts is not None and prompt_embeds is not None:
             raise bad_arg("prompt_embeds", f"tensor{tuple(prompt_embeds.shape)}",
@@ -132,18 +236,22 @@ class Pipeline:
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if negative is not None and len(negative) != batch:
             raise bad_arg("negative_prompt", negative_prompt, f"one negative prompt per prompt ({batch})")
-        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is not "unset")
-        num_frames = _positive_int("num_frames", pick(num_frames, self.defaults["num_frames"]))
-        height = _positive_int("height", pick(height, self.defaults["height"]))
-        width = _positive_int("width", pick(width, self.defaults["width"]))
-        self._check_size(num_frames, height, width)
         steps = _positive_int("num_inference_steps", num_inference_steps)
         if steps > self.scheduler.num_train_timesteps:
             raise bad_arg("num_inference_steps", steps, f"at most {self.scheduler.num_train_timesteps}")
+        mode, frames, start = self._check_condition(image, video, strength, image_noise_sigma, latents,
+                                                    num_frames, steps)
+        # A video sets the frame count and, unless given, the size; otherwise the family defaults.
+        size = _frame_size(frames[0]) if mode == "v2v" else (self.defaults["height"], self.defaults["width"])
+        num_frames = _positive_int("num_frames", len(frames) if mode == "v2v" else
+                                   _pick(num_frames, self.defaults["num_frames"]))
+        height = _positive_int("height", _pick(height, size[0]))
+        width = _positive_int("width", _pick(width, size[1]))
+        self._check_size(num_frames, height, width, mode, allow_untrained_size)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise bad_arg("guidance_scale", guidance_scale, "a finite number >= 0 (values <= 1 disable CFG)")
-        max_len = _positive_int("max_sequence_length", pick(max_sequence_length, self.config.max_text_seq_length))
+        max_len = _positive_int("max_sequence_length", _pick(max_sequence_length, self.config.max_text_seq_length))
         if self.config.use_learned_positional_embeddings and max_len != self.config.max_text_seq_length:
             raise bad_arg("max_sequence_length", max_len, f"{self.config.max_text_seq_length} for this model "
                           "(its learned positional table includes the text tokens)")
@@ -152,6 +260,8 @@ class Pipeline:
                 raise bad_arg(name, f"tensor{tuple(emb.shape)}", f"shape ({batch}, seq, {self.config.text_embed_dim})")
         if output_type not in OUTPUT_TYPES:
             raise bad_arg("output_type", output_type, f"one of {OUTPUT_TYPES}")
+        if vae_tiling not in ("auto", True, False):
+            raise bad_arg("vae_tiling", vae_tiling, "'auto', True or False")
         if seed is not None and generator is not None:
             raise bad_arg("seed", seed, "None when `generator` is given: pass one or the other")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -163,11 +273,12 @@ class Pipeline:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 raise bad_arg("latents", getattr(latents, "shape", latents), f"a tensor of shape {expected}")
         return _Request(prompts, negative, prompt_embeds, negative_prompt_embeds, batch, num_frames, height, width,
-                        steps, float(guidance_scale), bool(use_dynamic_cfg), max_len, output_type)
+                        steps, float(guidance_scale), bool(use_dynamic_cfg), max_len, output_type, mode, frames,
+                        image_noise_sigma, start, vae_tiling)
 
     def _extra_latent_frames(self, num_frames: int) -> int:
         """CogVideoX 1.5 patches pairs of latent frames; an odd count is padded at the front and the
-        padding is dropped before decoding."""
+        padding is dropped before decoding (not for video-to-video, whose frames are the video's)."""
         latent_frames = (num_frames - 1) // self.vae.config.temporal_factor + 1
         return -latent_frames % self.config.temporal_patch
 
@@ -191,7 +302,10 @@ class Pipeline:
             texts += req.negative or [""] * req.batch
         if req.prompt_embeds is None:
             texts += req.prompts
-        encoded = self.text_encoder.encode(texts, req.max_len, self.device, self.dtype) if texts else None
+        encoded = None
+        if texts:
+            self._use("text_encoder")
+            encoded = self.text_encoder.encode(texts, req.max_len, self.device, self.dtype)
         cond = req.prompt_embeds.to(self.device, self.dtype) if req.prompt_embeds is not None else encoded[-req.batch:]
         if not cfg_on:
             return cond
@@ -204,8 +318,10 @@ class Pipeline:
                     max_sequence_length: int | None = None) -> torch.Tensor:
         """The text stage of `generate` on its own: (2B, L, D) [negative; positive] with CFG
         (guidance_scale > 1), else (B, L, D); split it into prompt_embeds/negative_prompt_embeds."""
-        req = self._validate(prompt, negative_prompt, None, None, None, None, None, 1, guidance_scale, False,
-                             max_sequence_length, "latent", None, None, None)
+        image = torch.zeros(3, 16, 16) if self.config.is_image_to_video else None  # only to pass validation
+        req = self._validate(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                             max_sequence_length=max_sequence_length, image=image, num_inference_steps=1,
+                             allow_untrained_size=True)
         return self.encode_prompts(req)
 
     def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
@@ -213,30 +329,80 @@ class Pipeline:
         # does, so that a CPU generator gives the same numbers whatever device runs the model.
         return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
 
+    def _encode_frames(self, req: _Request, generator: torch.Generator) -> torch.Tensor:
+        """The conditioning frames through the VAE encoder and a posterior draw:
+        (1, latent_frames, C, h, w) in the pipeline dtype, not yet scaled."""
+        self._use("vae")
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = to_vae_input("image" if req.mode == "i2v" else "video", req.frames, req.height, req.width,
+                         self.device, vae_dtype)
+        if req.image_noise_sigma is not None:
+            # The SAT engine's first-frame augmentation: Gaussian pixel noise with a log-normal sigma
+            # (log sigma ~ N(-3, 0.5)), or a fixed sigma.
+            sigma = req.image_noise_sigma
+            if sigma == "sample":
+                sigma = math.exp(-3.0 + 0.5 * torch.randn((), generator=generator).item())
+            noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=vae_dtype)
+            x = x + sigma * noise.to(self.device)
+        _, _, frames, height, width = x.shape
+        tiling = self._tiling(req.vae_tiling, lambda t: projected_encode_peak_bytes(
+            self.vae.config, frames, height, width, vae_dtype, tiling=t))
+        mean, logvar = self.vae.encode(x, tiling=tiling)
+        z = self.vae.sample_posterior(mean, logvar, generator)
+        return z.to(self.dtype).permute(0, 2, 1, 3, 4)
+
+    def _initial_latents(self, req: _Request, generator: torch.Generator, latents: torch.Tensor | None):
+        """(noise or noised video latents (B, F, C, h, w), image latents to concatenate or None).
+        The generator is consumed in diffusers' order: the posterior draw, then the noise."""
+        shape = (req.batch, *self._latent_shape(req.num_frames, req.height, req.width))
+        vcfg = self.vae.config
+        if req.mode == "t2v":
+            return (self._randn(shape, generator) if latents is None else latents.to(self.device, self.dtype)), None
+        encoded = self._encode_frames(req, generator)
+        if req.mode == "i2v":
+            # The image is the first latent frame; the rest of the conditioning is zeros. (1.5 models
+            # pad the latent count to a multiple of their temporal patch, so no extra front padding.)
+            image = encoded / vcfg.scaling_factor if vcfg.invert_scale_latents else encoded * vcfg.scaling_factor
+            cond = torch.cat((image, image.new_zeros(1, shape[1] - 1, *image.shape[2:])), dim=1)
+            noise = self._randn(shape, generator) if latents is None else latents.to(self.device, self.dtype)
+            return noise, cond.expand(req.batch, -1, -1, -1, -1)
+        clean = (encoded * vcfg.scaling_factor).expand(req.batch, -1, -1, -1, -1)
+        noise = self._randn((req.batch, *clean.shape[1:]), generator)
+        t0 = schedulers.timesteps(self.scheduler, req.steps)[req.start]
+        return schedulers.add_noise(self.scheduler, clean, noise, int(t0)), None
+
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: _Request, generator: torch.Generator,
-                callback: Callable | None, progress: bool) -> torch.Tensor:
-        """latents (B, F, C, h, w) noise -> denoised latents, same shape and dtype."""
-        plan = schedulers.make_plan(self.scheduler, req.steps, self.device)
+                callback: Callable | None, progress: bool, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, F, C, h, w) -> denoised latents, same shape and dtype. `cond`: image latents
+        concatenated on channels at every step (image-to-video)."""
+        self._use("transformer")
+        plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
+        run_steps = len(plan.timesteps_host)
         cfg_on = req.guidance > 1.0
-        scales = [dynamic_guidance(req.guidance, t, req.steps) if req.dynamic_cfg else req.guidance
+        # Dynamic CFG counts the steps that actually run (as diffusers does for video-to-video).
+        scales = [dynamic_guidance(req.guidance, t, run_steps) if req.dynamic_cfg else req.guidance
                   for t in plan.timesteps_host]
         tables = self.transformer.position_tables(latents.shape[1], latents.shape[3], latents.shape[4], self.device)
+        ofs = torch.full((1,), 2.0, device=self.device, dtype=self.dtype) if self.config.ofs_embed_dim else None
+        cond_in = torch.cat((cond, cond)) if cond is not None and cfg_on else cond
         # The first non-finite step is recorded on the device and checked once after the loop: no
         # host sync per step.
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        step_ids = torch.arange(req.steps, device=self.device)
+        step_ids = torch.arange(run_steps, device=self.device)
         prev_x0 = None
-        steps = range(req.steps)
+        steps = range(run_steps)
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="denoising", unit="step")
         for i in steps:
             model_in = torch.cat((latents, latents)) if cfg_on else latents
+            if cond_in is not None:
+                model_in = torch.cat((model_in, cond_in), dim=2)
             t = plan.timesteps[i].expand(model_in.shape[0])
-            out = self.transformer(model_in, text, t, tables).float()
+            out = self.transformer(model_in, text, t, tables, ofs=ofs).float()
             if cfg_on:
-                uncond, cond = out.chunk(2)
-                out = uncond + scales[i] * (cond - uncond)
+                uncond, cond_out = out.chunk(2)
+                out = uncond + scales[i] * (cond_out - uncond)
             noise = [self._randn(latents.shape, generator) for _ in range(plan.noise_draws[i])]
             new, prev_x0 = schedulers.step(plan, i, out, latents, prev_x0, noise)
             latents = new.to(self.dtype)
@@ -254,56 +420,99 @@ class Pipeline:
                     self.dtype, "The weights or inputs (latents, embeddings) produce non-finite values."))
         return latents
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _tiling(self, vae_tiling: bool | str, projected_peak: Callable[[Tiling | None], int]) -> Tiling | None:
+        """The VAE's spatial tiling for one call: True/False as asked; "auto" tiles exactly when the
+        projected peak of the untiled call does not fit in what the device has free (read after the
+        other components were offloaded)."""
+        if vae_tiling is False:
+            return None
+        tiling = Tiling.for_vae(self.vae.config)
+        if vae_tiling is True or choose_tiling(projected_peak(None), free_device_bytes(self.device)):
+            return tiling
+        return None
+
+    def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor:
         """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped)."""
-        z = latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
-        return self.vae.decode(z.to(next(self.vae.parameters()).dtype))
+        self._use("vae")
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = (latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor).to(vae_dtype)
+        _, _, frames, h, w = z.shape
+        tiling = self._tiling(vae_tiling, lambda t: projected_decode_peak_bytes(
+            self.vae.config, frames, h, w, vae_dtype, tiling=t, batch=z.shape[0]))
+        return self.vae.decode(z, tiling=tiling)
 
     # -- the public call ----------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 image=None, image_noise_sigma: float | str | None = None, video=None, strength: float = 0.8,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
-                 output_type: str = "np", callback: Callable | None = None,
-                 progress: bool = True) -> GenerationResult:
+                 vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
+                 progress: bool = True, allow_untrained_size: bool = False) -> GenerationResult:
         """Generate video(s) for `prompt`.
 
-        `seed=s` gives the same video as diffusers' pipeline called with
-        `generator=torch.Generator("cpu").manual_seed(s)`. `callback(step, timestep, latents)` is
-        called after each step. Bad arguments raise `CVFastInputError` before any work starts.
+        image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
+        (3, H, W) in [0, 1], resized to height x width when needed; image_noise_sigma: the SAT
+        engine's first-frame noise augmentation (None: off, as diffusers; a float; "sample").
+        video: video-to-video (T2V models): PIL frames or a uint8 array (F, H, W, 3); `strength` in
+        (0, 1] picks how much of the schedule runs. `seed=s` gives the same video as diffusers'
+        pipeline for the mode called with `generator=torch.Generator("cpu").manual_seed(s)`.
+        `callback(step, timestep, latents)` runs after each step. Bad arguments raise
+        `CVFastInputError` before any work starts.
         """
-        req = self._validate(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height,
-                             width, num_inference_steps, guidance_scale, use_dynamic_cfg, max_sequence_length,
-                             output_type, latents, seed, generator)
+        req = self._validate(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                             negative_prompt_embeds=negative_prompt_embeds, image=image,
+                             image_noise_sigma=image_noise_sigma, video=video, strength=strength,
+                             num_frames=num_frames, height=height, width=width,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
+                             max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
+                             output_type=output_type, allow_untrained_size=allow_untrained_size)
         if generator is None:
             seed = random.randrange(2 ** 63) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
-        timings = {}
-        start = time.perf_counter()
-        text = self.encode_prompts(req)
-        self._sync()
-        timings["text_encoding"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        if latents is None:
-            latents = self._randn((req.batch, *self._latent_shape(req.num_frames, req.height, req.width)), generator)
-        latents = self.denoise(latents.to(self.device, self.dtype), text, req, generator, callback, progress)
-        self._sync()
-        timings["denoising"] = time.perf_counter() - start
+        stages = _StageMeter(self)
+        with stages("text_encoding"):
+            text = self.encode_prompts(req)
+        cond = None
+        if req.mode != "t2v":
+            with stages("encoding"):
+                latents, cond = self._initial_latents(req, generator, latents)
+        with stages("denoising"):
+            if req.mode == "t2v":
+                latents, _ = self._initial_latents(req, generator, latents)
+            latents = self.denoise(latents, text, req, generator, callback, progress, cond)
         fps = self.defaults["fps"]
         if req.output_type == "latent":
-            return GenerationResult(latents, timings, fps, seed)
+            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks)
+        with stages("decoding"):
+            extra = self._extra_latent_frames(req.num_frames) if req.mode != "v2v" else 0
+            video = self.decode(latents[:, extra:], req.vae_tiling)
+            video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+            if not torch.isfinite(video).all():
+                raise NonFiniteLatentsError(f"the VAE decode of {self.name} produced NaN/Inf in {self.dtype}; "
+                                            "no video was written. Try float32.")
+            frames = video.permute(0, 1, 3, 4, 2).cpu().numpy() if req.output_type == "np" else video
+        return GenerationResult(frames, stages.timings, fps, seed, stages.peaks)
 
+
+class _StageMeter:
+    """Times each stage (synchronised on CUDA) and records its peak device memory."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe, self.timings, self.peaks = pipe, {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        cuda = self.pipe.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.pipe.device)
         start = time.perf_counter()
-        video = self.decode(latents[:, self._extra_latent_frames(req.num_frames):])
-        video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
-        if not torch.isfinite(video).all():
-            raise NonFiniteLatentsError(f"the VAE decode of {self.name} produced NaN/Inf in {self.dtype}; "
-                                        "no video was written. Try float32.")
-        frames = video.permute(0, 1, 3, 4, 2).cpu().numpy() if req.output_type == "np" else video
-        self._sync()
-        timings["decoding"] = time.perf_counter() - start
-        return GenerationResult(frames, timings, fps, seed)
+        yield
+        self.pipe._sync()
+        self.timings[name] = time.perf_counter() - start
+        if cuda:
+            self.peaks[name] = torch.cuda.max_memory_allocated(self.pipe.device) / 2 ** 30

@@ -50,13 +50,15 @@ def _text_encoder(vocab_size: int):
     return T5EncoderModel(cfg)
 
 
-def build_tiny(device: torch.device, dtype: torch.dtype, ops: OpSet) -> Pipeline:
+def build_tiny(device: torch.device, dtype: torch.dtype, ops: OpSet, offload: str = "none") -> Pipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         tokenizer = _tokenizer()
         t5 = _text_encoder(len(tokenizer))
         transformer = CogVideoXTransformer(TRANSFORMER, ops)
         vae = CogVideoXVAE(VAE, ops)
-    modules = [m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (t5, transformer, vae)]
+    home = torch.device("cpu") if offload == "model" else device
+    modules = [m.to(device=home, dtype=dtype).eval().requires_grad_(False) for m in (t5, transformer, vae)]
     return Pipeline(name="tiny", transformer=modules[1], vae=modules[2], text_encoder=TextEncoder(tokenizer, modules[0]),
-                    scheduler=SCHEDULER, ops=ops, device=device, dtype=dtype, defaults=dict(DEFAULTS))
+                    scheduler=SCHEDULER, ops=ops, device=device, dtype=dtype, defaults=dict(DEFAULTS),
+                    offload=offload)

@@ -70,3 +70,21 @@ def test_sdpa_at_cogvideox_sizes(heads, seq):
     own = reference.attention(q, k, v)  # PyTorch math in bf16 in/out (fp32 inside): bf16's own error
     assert torch.isfinite(got).all()
     assert (got.float() - exact).abs().max() <= 2 * (own.float() - exact).abs().max() + 1e-6
+
+
+def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
+    pipe = cvfast.load("tiny", offload="model")
+    seen = {}
+    real_decode = pipe.vae.decode
+
+    def spy(z, **kw):
+        seen.update(pipe.placement())
+        return real_decode(z, **kw)
+
+    pipe.vae.decode = spy
+    result = pipe.generate("a cat", num_inference_steps=2, seed=0, progress=False)
+    assert seen["vae"].startswith("cuda") and seen["transformer"] == "cpu" and seen["text_encoder"] == "cpu"
+    assert {"text_encoding", "denoising", "decoding"} <= set(result.peak_memory_gib)
+    resident = cvfast.load("tiny").generate("a cat", num_inference_steps=2, seed=0, progress=False)
+    # The text encoder and transformer weights are not on the GPU during the decode.
+    assert result.peak_memory_gib["decoding"] < resident.peak_memory_gib["decoding"]

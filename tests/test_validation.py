@@ -63,8 +63,10 @@ def test_other_arguments(pipe, kwargs, match):
 
 def test_learned_positional_variant_only_at_its_table_size():
     pipe = cvfast.load(tiny_folder("5b-i2v"), device="cpu")
-    fails_fast(pipe, r"num_frames/height/width=\(9, 48, 96\).*9 frames at 64x96", num_frames=9, height=48, width=96)
-    fails_fast(pipe, r"num_frames/height/width=\(17, 64, 96\)", num_frames=17)
+    image = torch.rand(3, 64, 96)
+    fails_fast(pipe, r"num_frames/height/width=\(9, 48, 96\).*9 frames at 64x96", num_frames=9, height=48, width=96,
+               image=image)
+    fails_fast(pipe, r"num_frames/height/width=\(17, 64, 96\)", num_frames=17, image=image)
 
 
 def test_fp16_refused_for_5b_and_15_unless_allowed():

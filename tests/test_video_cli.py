@@ -71,3 +71,34 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
                            "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "num_frames=10" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--steps", "2",
+                           "--seed", "1", "--no-progress", *args], capture_output=True, text=True)
+
+
+def test_cli_video_to_video_and_image_to_video(tmp_path):
+    from PIL import Image
+
+    from tests.fixtures import tiny_folder
+    source = tmp_path / "source.mp4"
+    cvfast.save_video(np.random.default_rng(0).random((9, 64, 96, 3)), source)
+    proc = cli("--video", str(source), "--strength", "0.6", "--out", str(tmp_path / "v2v.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert read_mp4(tmp_path / "v2v.mp4")[1].shape == (9, 64, 96, 3) and "encoding" in proc.stdout
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save(tmp_path / "first.png")
+    proc = cli("--model", str(tiny_folder("5b-i2v")), "--image", str(tmp_path / "first.png"),
+               "--image-noise-sigma", "sample", "--out", str(tmp_path / "i2v.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert read_mp4(tmp_path / "i2v.mp4")[1].shape == (9, 64, 96, 3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "missing.png"], "--image 'missing.png' cannot be read"),
+    (["--video", "missing.mp4"], "--video 'missing.mp4' cannot be read"),
+    (["--image-noise-sigma", "lots"], "--image-noise-sigma 'lots'"),
+])
+def test_cli_bad_condition_files(tmp_path, args, message):
+    proc = cli(*args, "--out", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

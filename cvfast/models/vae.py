@@ -27,14 +27,18 @@ running them as 1x3x3 causal convs moves the result ~1e-6 away from diffusers (s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import OpSet
+
+logger = logging.getLogger("cvfast")
 
 Cache = dict[str, torch.Tensor]  # conv module path -> its last kt-1 input frames, (b, c_in, kt-1, h, w)
 
@@ -118,6 +122,178 @@ def frame_chunks(num_frames: int, batch: int) -> list[slice]:
     rem = num_frames % batch
     count = max(num_frames // batch, 1)
     return [slice(0 if i == 0 else batch * i + rem, min(batch * (i + 1) + rem, num_frames)) for i in range(count)]
+
+
+def decoded_frames(latent_frames: int, time_levels: int) -> int:
+    """Video frames the decoder makes from one chunk of `latent_frames`: each of the `time_levels`
+    time-doubling upsamplers maps t -> 2t for even t and 2t - 1 for odd t (the lone first frame is not
+    repeated), so a chunk of 2 gives 8 and a chunk of 3 gives 9 at temporal factor 4."""
+    t = latent_frames
+    for _ in range(time_levels):
+        t = 2 * t - (t % 2)
+    return t
+
+
+def encoded_frames(sample_frames: int, time_levels: int) -> int:
+    """Latent frames the encoder makes from one chunk of `sample_frames`: each time-halving
+    downsampler maps t -> (t + 1) // 2 (an odd first frame is kept, the rest averaged in pairs)."""
+    t = sample_frames
+    for _ in range(time_levels):
+        t = (t + 1) // 2
+    return t
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiling of the VAE, with diffusers' `enable_tiling` semantics.
+
+    tile_sample_height/width: the tile in *video pixels*; the latent tile is that // spatial_factor
+    (240x360 px = 30x45 latent for CogVideoX 1.0). overlap_height/width: the fraction of a tile that
+    neighbouring tiles share; tiles start every int(tile * (1 - overlap)) input units and are
+    linearly cross-faded over int(tile * overlap) output units (see `TileGrid`). Zero overlap is
+    allowed here (diffusers treats 0 as "use the default").
+    """
+    tile_sample_height: int
+    tile_sample_width: int
+    overlap_height: float = 1 / 6
+    overlap_width: float = 1 / 5
+
+    def __post_init__(self):
+        if self.tile_sample_height < 1 or self.tile_sample_width < 1:
+            raise ValueError(f"tile size {self.tile_sample_height}x{self.tile_sample_width}: must be positive")
+        for name in ("overlap_height", "overlap_width"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1)")
+
+    @classmethod
+    def for_vae(cls, config: VAEConfig) -> "Tiling":
+        """diffusers' `enable_tiling()` defaults: half the VAE's sample size per tile (240x360 px for
+        CogVideoX 1.0, 384x680 px for 1.5), overlaps 1/6 (height) and 1/5 (width), which diffusers
+        chose by experiment at 480x720."""
+        return cls(config.sample_height // 2, config.sample_width // 2)
+
+    def grid(self, spatial_factor: int, *, decode: bool) -> "TileGrid":
+        """The tile geometry of a decode (latent in, video out) or an encode (video in, latent out)."""
+        f = spatial_factor
+        sample = (self.tile_sample_height, self.tile_sample_width)
+        latent = (sample[0] // f, sample[1] // f)
+        overlap = (self.overlap_height, self.overlap_width)
+        tile_in, tile_out = (latent, sample) if decode else (sample, latent)
+        # The expressions are diffusers' own (float products truncated by int()) so that the
+        # rounding agrees: e.g. a 4-latent tile at overlap 1/6 strides int(3.33) = 3.
+        stride = tuple(int(t * (1 - o)) for t, o in zip(tile_in, overlap))
+        blend = tuple(int(t * o) for t, o in zip(tile_out, overlap))
+        if min(tile_in) < 1 or min(stride) < 1:
+            raise ValueError(f"{self}: at spatial factor {f} the tile is {tile_in} input units with stride {stride}; "
+                             "both must be at least 1")
+        return TileGrid(tile_in, stride, blend, tuple(t - b for t, b in zip(tile_out, blend)),
+                        f if decode else 1, 1 if decode else f)
+
+    def exact_for(self, spatial_factor: int) -> bool:
+        """Whether tiled output has the same height and width as untiled output, for decode and
+        encode. It does when each tile's kept part (tile - blend, output units) equals the stride in
+        output units; diffusers' defaults for 480x720 and 768x1360 satisfy this, but e.g. a 32x48 px
+        tile at factor 8 does not (decode stride 3 latent = 24 px, kept 32 - int(32/6) = 27 px), and
+        diffusers then returns a larger video with a few rows duplicated at every seam — cvfast
+        mirrors that and logs a warning."""
+        for g in (self.grid(spatial_factor, decode=True), self.grid(spatial_factor, decode=False)):
+            if any(s * g.up != k * g.down for s, k in zip(g.stride, g.keep)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tile geometry of one decode or encode, per axis (height, width).
+
+    tile, stride: input units (latent pixels for decode, video pixels for encode); blend, keep: output
+    units. Tiles start at 0, stride, 2*stride, ... < size (the last ones may be cut short by the
+    edge); each tile's first `blend` rows/columns are cross-faded with the previous tile's last ones,
+    then its first `keep` rows/columns are kept. An input length n maps to n * up // down output units.
+    """
+    tile: tuple[int, int]
+    stride: tuple[int, int]
+    blend: tuple[int, int]
+    keep: tuple[int, int]
+    up: int
+    down: int
+
+    def starts(self, size: int, axis: int) -> list[int]:
+        return list(range(0, size, self.stride[axis]))
+
+    def out_len(self, n: int) -> int:
+        return n * self.up // self.down
+
+    def tile_out_lens(self, size: int, axis: int) -> list[int]:
+        """Output length of each tile along an axis (before cropping)."""
+        return [self.out_len(min(self.tile[axis], size - s)) for s in self.starts(size, axis)]
+
+    def output_len(self, size: int, axis: int) -> int:
+        """Length of the assembled output along an axis for an input of `size`."""
+        return sum(min(n, self.keep[axis]) for n in self.tile_out_lens(size, axis))
+
+    def applies(self, height: int, width: int) -> bool:
+        """diffusers tiles only an input larger than one tile in height or width."""
+        return height > self.tile[0] or width > self.tile[1]
+
+
+def _blend_into(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
+    """Cross-fade the first e slices of `cur` along `dim` with the last e of `prev`, in place:
+    cur[k] = prev[-e + k] * (1 - k/e) + cur[k] * (k/e), k = 0..e-1, e = min(extent, both lengths).
+
+    One broadcast expression over the whole strip (the ramp is a tensor along `dim`). The weights are
+    computed in float64 and rounded once to the compute dtype, as diffusers' Python-float scalars are,
+    so fp32 results are bit-equal to diffusers' loop; half-precision tiles blend in float32."""
+    e = min(prev.shape[dim], cur.shape[dim], extent)
+    if e == 0:
+        return
+    shape = [1] * cur.dim()
+    shape[dim] = e
+    ramp = (torch.arange(e, dtype=torch.float64, device=cur.device) / e).reshape(shape)
+    compute = cur.dtype if cur.dtype in (torch.float32, torch.float64) else torch.float32
+    head = cur.narrow(dim, 0, e)
+    tail = prev.narrow(dim, prev.shape[dim] - e, e)
+    mixed = tail.to(compute) * (1 - ramp).to(compute) + head.to(compute) * ramp.to(compute)
+    head.copy_(mixed)
+
+
+def run_tiled(x: torch.Tensor, grid: TileGrid, run_tile: Callable[[torch.Tensor], torch.Tensor],
+              out: torch.Tensor) -> None:
+    """Process x (b, c, t, H, W) tile by tile with `run_tile` and write the blended, cropped mosaic
+    into `out` (b, c', t', grid.output_len(H, 0), grid.output_len(W, 1)).
+
+    Equal to diffusers' tiled_decode/tiled_encode: tiles are visited in row-major order and each is
+    first blended with the (already blended) tile above, then with the (already blended) tile to its
+    left, then cropped to `keep`. Instead of holding every decoded tile until the end, as diffusers
+    does, only what later tiles read is kept: the bottom `blend` rows of each tile of the previous tile
+    row and the right `blend` columns of the previous tile.
+    """
+    height, width = x.shape[-2:]
+    (th, tw), (bh, bw), (kh, kw) = grid.tile, grid.blend, grid.keep
+    above: list[torch.Tensor | None] = [None] * len(grid.starts(width, 1))
+    row_at = 0
+    for r0 in grid.starts(height, 0):
+        left: torch.Tensor | None = None
+        col_at = 0
+        kept_h = 0
+        for j, c0 in enumerate(grid.starts(width, 1)):
+            tile = run_tile(x[..., r0:r0 + th, c0:c0 + tw])
+            expect = (grid.out_len(min(th, height - r0)), grid.out_len(min(tw, width - c0)))
+            if tuple(tile.shape[-2:]) != expect:
+                raise RuntimeError(f"tile at ({r0}, {c0}) came out {tuple(tile.shape[-2:])}, expected {expect}")
+            if above[j] is not None:
+                _blend_into(above[j], tile, bh, dim=-2 % tile.dim())
+            if left is not None:
+                _blend_into(left, tile, bw, dim=-1 % tile.dim())
+            # clone: a view would keep the whole tile alive
+            above[j] = tile[..., tile.shape[-2] - min(bh, tile.shape[-2]):, :].clone()
+            left = tile[..., tile.shape[-1] - min(bw, tile.shape[-1]):].clone()
+            crop = tile[..., :kh, :kw]
+            out[..., row_at:row_at + crop.shape[-2], col_at:col_at + crop.shape[-1]] = crop
+            col_at += crop.shape[-1]
+            kept_h = crop.shape[-2]
+            del tile, crop
+        row_at += kept_h
 
 
 class CausalConv3d(nn.Module):
@@ -379,35 +555,94 @@ class CogVideoXVAE(nn.Module):
         h, cache = self.encoder(x, past)
         return self._pointwise(self.quant_conv, h), cache
 
+    def _run_frames(self, x: torch.Tensor, chunk_fn: Callable, frame_batch: int, out: torch.Tensor) -> None:
+        """x (b, c, T, h, w) through `chunk_fn` one frame chunk at a time (`frame_chunks(T, frame_batch)`),
+        the conv cache carried from chunk to chunk; each chunk's output is written into `out` at its
+        frame offset, so no list of chunk outputs and no final concatenation is held."""
+        cache: Cache | None = None
+        at = 0
+        for chunk in frame_chunks(x.shape[2], frame_batch):
+            y, cache = chunk_fn(x[:, :, chunk], cache)
+            if y.shape[:2] != out.shape[:2] or y.shape[3:] != out.shape[3:] or at + y.shape[2] > out.shape[2]:
+                raise RuntimeError(f"chunk output {tuple(y.shape)} does not fit {tuple(out.shape)} at frame {at}")
+            out[:, :, at:at + y.shape[2]] = y
+            at += y.shape[2]
+            del y
+        if at != out.shape[2]:
+            raise RuntimeError(f"{at} frames written into {tuple(out.shape)}")
+
+    def _run(self, x: torch.Tensor, *, decode: bool, frame_batch: int, tiling: Tiling | None,
+             sample_batch: int) -> torch.Tensor:
+        """The shared driver of `decode` and `encode`: batch groups of `sample_batch` videos, each
+        optionally split into spatial tiles, each tile (or the whole frame) processed frame chunk by
+        frame chunk with its own conv cache. The output is allocated once, at its final size."""
+        for name, value in (("frame_batch", frame_batch), ("sample_batch", sample_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive int")
+        cfg = self.config
+        f, levels = cfg.spatial_factor, cfg.time_compress_levels
+        batch, _, frames, height, width = x.shape
+        if decode:
+            chunk_fn, c_out, frames_of = self.decode_chunk, cfg.out_channels, decoded_frames
+        else:
+            chunk_fn, c_out, frames_of = self.encode_chunk, 2 * cfg.latent_channels, encoded_frames
+        out_frames = sum(frames_of(c.stop - c.start, levels) for c in frame_chunks(frames, frame_batch))
+        grid = tiling.grid(f, decode=decode) if tiling is not None else None
+        if grid is not None and not grid.applies(height, width):
+            grid = None  # one tile would cover it: diffusers decodes/encodes it whole
+        if grid is None:
+            size = (height * f, width * f) if decode else (height // f, width // f)
+        else:
+            size = (grid.output_len(height, 0), grid.output_len(width, 1))
+            plain = (grid.out_len(height), grid.out_len(width))
+            if size != plain:
+                logger.warning("tiling %s at spatial factor %d gives a %dx%d output for a %dx%d input, not %dx%d "
+                               "(its stride and kept size disagree, as in diffusers); see Tiling.exact_for",
+                               tiling, f, *size, height, width, *plain)
+        out = x.new_empty((batch, c_out, out_frames, *size))
+        for b0 in range(0, batch, sample_batch):
+            part, target = x[b0:b0 + sample_batch], out[b0:b0 + sample_batch]
+            if grid is None:
+                self._run_frames(part, chunk_fn, frame_batch, target)
+                continue
+
+            def run_tile(tile: torch.Tensor) -> torch.Tensor:
+                tile_out = tile.new_empty((tile.shape[0], c_out, out_frames,
+                                           grid.out_len(tile.shape[3]), grid.out_len(tile.shape[4])))
+                self._run_frames(tile, chunk_fn, frame_batch, tile_out)
+                return tile_out
+            run_tiled(part, grid, run_tile, target)
+        return out
+
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, *, frame_batch: int = LATENT_FRAME_BATCH, tiling: Tiling | None = None,
+               sample_batch: int = 1) -> torch.Tensor:
         """z: (batch, latent_channels, latent_frames, h, w), already divided by the scaling factor ->
         video (batch, out_channels, frames, h * spatial_factor, w * spatial_factor), roughly in [-1, 1],
         not clamped. frames = 4 * latent_frames - 3 for odd latent_frames (13 -> 49); even counts put
         all frames in pairs and give 4 * latent_frames.
 
-        Latent frames go through in chunks of 2, the first chunk also taking an odd leftover
-        ([0:3], [3:5], ... for 13): diffusers' batching, which the GroupNorm statistics depend on."""
-        cache: Cache | None = None
-        out = []
-        for chunk in frame_chunks(z.shape[2], LATENT_FRAME_BATCH):
-            video, cache = self.decode_chunk(z[:, :, chunk], cache)
-            out.append(video)
-        return torch.cat(out, dim=2)
+        frame_batch: latent frames per chunk; the first chunk also takes the leftover ([0:3], [3:5], ...
+        for 13 at the default 2): diffusers' batching, which the GroupNorm statistics depend on, so only
+        the default reproduces diffusers (and what the VAE was trained on).
+        tiling: decode in overlapping spatial tiles, blended (`Tiling`, diffusers' `enable_tiling`
+        semantics); only when the latent is larger than one tile. Not equal to an untiled decode: see
+        tests/test_vae_tiling.py for the size of the difference.
+        sample_batch: videos decoded at a time; a larger batch goes through in groups of this many
+        (nothing mixes batch elements, so the result is the same, only the peak memory changes)."""
+        return self._run(z, decode=True, frame_batch=frame_batch, tiling=tiling, sample_batch=sample_batch)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, *, frame_batch: int = SAMPLE_FRAME_BATCH, tiling: Tiling | None = None,
+               sample_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, in_channels, frames, H, W) in [-1, 1] -> (mean, logvar), each
         (batch, latent_channels, latent_frames, H / spatial_factor, W / spatial_factor), logvar
         clamped to [-30, 20]. frames = 1 + 8k (or 8k) give 1 + 2k (2k) latent frames.
 
-        Sample frames go through in chunks of 8, the first taking the leftover ([0:9], [9:17], ...)."""
-        cache: Cache | None = None
-        moments = []
-        for chunk in frame_chunks(x.shape[2], SAMPLE_FRAME_BATCH):
-            h, cache = self.encode_chunk(x[:, :, chunk], cache)
-            moments.append(h)
-        mean, logvar = torch.cat(moments, dim=2).chunk(2, dim=1)
+        frame_batch: sample frames per chunk, the first taking the leftover ([0:9], [9:17], ... at the
+        default 8). tiling, sample_batch: as in `decode` (tiles when the video is larger than one tile)."""
+        moments = self._run(x, decode=False, frame_batch=frame_batch, tiling=tiling, sample_batch=sample_batch)
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     @staticmethod

@@ -94,15 +94,22 @@ class StepPlan:
     uses_history: list[bool]
 
 
-def make_plan(cfg: SchedulerConfig, num_steps: int, device) -> StepPlan:
+def first_step(num_steps: int, strength: float) -> int:
+    """Video-to-video starts denoising `strength` of the way into the schedule: it skips the first
+    num_steps - int(num_steps * strength) steps (CogVideoX's / diffusers' rule)."""
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def make_plan(cfg: SchedulerConfig, num_steps: int, device, start: int = 0) -> StepPlan:
+    """The plan of steps start..num_steps-1 of a num_steps schedule (start > 0: video-to-video)."""
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise bad_arg("num_inference_steps", num_steps, "an integer >= 1")
     if num_steps > cfg.num_train_timesteps:
         raise bad_arg("num_inference_steps", num_steps, f"at most {cfg.num_train_timesteps}")
     ac = alphas_cumprod(cfg)
-    ts = timesteps(cfg, num_steps)
+    ts = timesteps(cfg, num_steps)[start:]
     final = torch.tensor(1.0, dtype=torch.float64) if cfg.set_alpha_to_one else ac[0]
-    stride = cfg.num_train_timesteps // num_steps  # CogVideoX steps back by this stride, whatever the spacing
+    stride = cfg.num_train_timesteps // num_steps  # steps back by this stride, whatever the spacing or start
     rows, draws, history = [], [], []
     for i, t in enumerate(ts.tolist()):
         prev = t - stride
@@ -135,6 +142,13 @@ def make_plan(cfg: SchedulerConfig, num_steps: int, device) -> StepPlan:
         draws.append(2 if uses else 1)
     coef = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32, device=device)
     return StepPlan(cfg.kind, torch.from_numpy(ts.copy()).to(device), ts.tolist(), coef, draws, history)
+
+
+def add_noise(cfg: SchedulerConfig, clean: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """Forward diffusion to `timestep`: sqrt(a) * clean + sqrt(1 - a) * noise, with the cumulative
+    alpha cast to the latents' dtype before the square roots (as diffusers computes it)."""
+    a = alphas_cumprod(cfg)[timestep].to(clean.dtype)
+    return a ** 0.5 * clean + (1 - a) ** 0.5 * noise
 
 
 def step(plan: StepPlan, i: int, model_out: torch.Tensor, sample: torch.Tensor,

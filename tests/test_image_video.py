@@ -1,0 +1,149 @@
+"""Image-to-video and video-to-video against diffusers' pipelines (same folder, prompt and seed,
+fp32 on the CPU; the bar is a relative L2 error of 5e-5), and their input validation."""
+import numpy as np
+import pytest
+import torch
+
+import cvfast
+from cvfast import CVFastInputError
+from tests.fixtures import tiny_folder
+from tests.test_pipeline import PROMPT, rel_l2
+
+diffusers = pytest.importorskip("diffusers")
+from PIL import Image  # noqa: E402  (diffusers depends on Pillow)
+
+
+def smooth_frame(height, width, t=0, seed=0):
+    """A smooth picture with some texture: a VAE-friendly input whose encoding is not trivial."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rgb = np.stack([0.5 + 0.4 * np.sin(6 * x + t), 0.5 + 0.4 * np.cos(5 * y - t), 0.5 + 0.3 * np.sin(4 * (x + y))], -1)
+    return np.clip(rgb + rng.normal(0, 0.02, rgb.shape), 0, 1)
+
+
+def pil(arr):
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+
+def run_diffusers(cls_name, folder, seed, **kw):
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_sequence_length=16,
+                **kw).frames
+
+
+@pytest.mark.parametrize("variant,size,scheduler,dynamic", [
+    ("5b-i2v", dict(num_frames=9, height=64, width=96), "dpm", True),    # learned positions: its table size
+    ("1.5-i2v", dict(num_frames=9, height=64, width=96), "ddim", False),  # ofs + temporal patching
+    ("1.5-i2v", dict(num_frames=17, height=48, width=80), "dpm", False),
+])
+def test_image_to_video_matches_diffusers(variant, size, scheduler, dynamic):
+    folder = tiny_folder(variant, scheduler)
+    image = pil(smooth_frame(size["height"], size["width"]))
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=dynamic, **size)
+    pipe = cvfast.load(folder, device="cpu", dtype=torch.float32, backend="reference")
+    ours = pipe.generate(PROMPT, image=image, seed=21, progress=False, allow_untrained_size=True, **kw).frames
+    expected = run_diffusers("CogVideoXImageToVideoPipeline", folder, 21, image=image, **kw)
+    assert ours.shape == expected.shape == (1, size["num_frames"], size["height"], size["width"], 3)
+    assert np.isfinite(ours).all() and ours.std() > 1e-3
+    assert rel_l2(ours, expected) <= 5e-5
+
+
+@pytest.mark.parametrize("strength,scheduler,guidance", [(0.7, "ddim", 6.0), (1.0, "dpm", 6.0), (0.5, "dpm", 1.0)])
+def test_video_to_video_matches_diffusers(strength, scheduler, guidance):
+    folder = tiny_folder("5b", scheduler)
+    video = [pil(smooth_frame(48, 80, t=0.3 * i)) for i in range(17)]
+    kw = dict(num_inference_steps=4, guidance_scale=guidance, strength=strength)
+    pipe = cvfast.load(folder, device="cpu", dtype=torch.float32, backend="reference")
+    ours = pipe.generate(PROMPT, video=video, seed=5, progress=False, **kw).frames
+    expected = run_diffusers("CogVideoXVideoToVideoPipeline", folder, 5, video=video, height=48, width=80, **kw)
+    assert ours.shape == expected.shape == (1, 17, 48, 80, 3)
+    assert rel_l2(ours, expected) <= 5e-5
+
+
+def test_image_inputs_of_every_type_agree_and_are_resized():
+    pipe = cvfast.load(tiny_folder("5b-i2v", "ddim"), device="cpu")
+    arr = smooth_frame(64, 96)
+    u8 = (arr * 255).round().astype(np.uint8)
+    kw = dict(num_inference_steps=1, seed=0, progress=False, output_type="latent")
+    from_pil = pipe.generate("a cat", image=pil(arr), **kw).frames
+    from_u8 = pipe.generate("a cat", image=u8, **kw).frames
+    from_tensor = pipe.generate("a cat", image=torch.from_numpy(u8).permute(2, 0, 1).float() / 255, **kw).frames
+    assert torch.equal(from_pil, from_u8) and torch.allclose(from_pil, from_tensor, atol=1e-6)
+    bigger = pil(smooth_frame(128, 192))  # resized (Lanczos) to 64x96
+    assert torch.isfinite(pipe.generate("a cat", image=bigger, **kw).frames).all()
+
+
+def test_image_noise_augmentation_is_off_by_default_and_changes_the_video_when_on():
+    pipe = cvfast.load(tiny_folder("5b-i2v", "ddim"), device="cpu")
+    image = pil(smooth_frame(64, 96))
+    kw = dict(num_inference_steps=1, seed=0, progress=False, output_type="latent")
+    off = pipe.generate("a cat", image=image, **kw).frames
+    assert torch.equal(off, pipe.generate("a cat", image=image, image_noise_sigma=None, **kw).frames)
+    fixed = pipe.generate("a cat", image=image, image_noise_sigma=0.05, **kw).frames
+    sampled = pipe.generate("a cat", image=image, image_noise_sigma="sample", **kw).frames
+    assert not torch.equal(off, fixed) and not torch.equal(off, sampled) and not torch.equal(fixed, sampled)
+    assert torch.equal(sampled, pipe.generate("a cat", image=image, image_noise_sigma="sample", **kw).frames)
+
+
+@pytest.mark.parametrize("variant,kwargs,match", [
+    ("5b-i2v", dict(), r"image=None.*image-to-video"),
+    ("5b", dict(image=np.zeros((48, 80, 3), np.uint8)), r"image=.*text-to-video"),
+    ("5b-i2v", dict(image=np.zeros((64, 96, 3), np.uint8), video=[np.zeros((64, 96, 3), np.uint8)]), "video="),
+    ("5b", dict(video=[]), "video=.*at least one frame"),
+    ("5b", dict(video=np.zeros((16, 48, 80, 3), np.uint8)), r"num_frames=16 .*divisible by 8"),
+    ("5b", dict(video=np.zeros((17, 48, 80, 3), np.uint8), strength=0.0), r"strength=0.0 .*\(0, 1\]"),
+    ("5b", dict(video=np.zeros((17, 48, 80, 3), np.uint8), strength=1.5), r"strength=1.5"),
+    ("5b", dict(video=np.zeros((17, 48, 80, 3), np.uint8), strength=0.1, num_inference_steps=5), "no denoising step"),
+    ("5b", dict(video=np.zeros((17, 50, 80, 3), np.uint8)), "height=50"),
+    ("5b", dict(video=np.zeros((17, 48, 80, 3), np.uint8), num_frames=9), "num_frames=9 .*17"),
+    ("1.5", dict(video=np.zeros((17, 48, 80, 3), np.uint8)), "video=.*1.5"),
+    ("5b-i2v", dict(image=np.zeros((64, 96, 3), np.uint8), image_noise_sigma=-1), "image_noise_sigma=-1"),
+    ("5b-i2v", dict(image=np.zeros((64, 96, 4), np.uint8)), r"image='array\(64, 96, 4\)'"),
+    ("5b-i2v", dict(image=np.full((64, 96, 3), 2.0)), "image='float frames in"),
+    ("1.5-i2v", dict(image=np.zeros((64, 96, 3), np.uint8), num_frames=9, height=64, width=96),
+     "CogVideoX1.5-I2V sizes.*allow_untrained_size"),
+    ("5b", dict(vae_tiling="yes"), "vae_tiling='yes'"),
+])
+def test_conditioning_inputs_are_validated(variant, kwargs, match):
+    pipe = cvfast.load(tiny_folder(variant, "ddim"), device="cpu")
+    with pytest.raises(CVFastInputError, match=match):
+        pipe.generate("a cat", progress=False, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):
+    """On a CPU the compute device and the home are the same, so the moves are recorded instead:
+    each component is brought to the device right before its stage with the others sent home."""
+    pipe = cvfast.load("tiny", offload="model")
+    moves = []
+    monkeypatch.setattr(pipe, "_place", lambda module, device: moves.append(
+        (next(n for n, m in pipe._components().items() if m is module), device.type)))
+    pipe.generate("a cat", num_inference_steps=1, seed=0, progress=False)
+    on_device = []
+    for name, where in moves:  # replay: which components are "on the device" after each move
+        on_device = [n for n in on_device if n != name] + ([name] if where == pipe.device.type else [])
+        assert len(on_device) <= 1 or pipe.device.type == "cpu"
+    brought = [name for name, _ in moves][2::3]  # every third move is the one brought in
+    assert brought == ["text_encoder", "transformer", "vae"]
+    with pytest.raises(CVFastInputError, match="offload='disk'"):
+        cvfast.load("tiny", offload="disk")
+
+
+def test_auto_tiling_follows_the_memory_projection(monkeypatch):
+    """vae_tiling="auto" tiles exactly when the projected untiled peak exceeds 0.9 x the free memory."""
+    import cvfast.pipeline as pipeline_module
+    from cvfast.models.vae_memory import projected_decode_peak_bytes
+    pipe = cvfast.load("tiny")
+    latents = pipe.generate("a cat", num_inference_steps=1, seed=0, progress=False, output_type="latent").frames
+    z_shape = (latents.shape[1], latents.shape[3], latents.shape[4])
+    projected = projected_decode_peak_bytes(pipe.vae.config, *z_shape, torch.float32)
+    seen = []
+    real_decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, tiling=None, **kw: seen.append(tiling) or real_decode(z, tiling=None))
+    for free, tiled in ((int(projected / 0.9) + 2, False), (int(projected / 0.9) - 2, True)):
+        monkeypatch.setattr(pipeline_module, "free_device_bytes", lambda device, free=free: free)
+        pipe.decode(latents, "auto")
+        assert (seen[-1] is not None) == tiled
+    pipe.decode(latents, False)
+    pipe.decode(latents, True)
+    assert seen[-2] is None and seen[-1] is not None
