@@ -46,26 +46,40 @@ class GenerationResult:
 
 
 @dataclass
-class _Request:
-    """A validated generate() call."""
+class _Text:
+    """The validated text side of a call."""
     prompts: list[str] | None
     negative: list[str] | None
     prompt_embeds: torch.Tensor | None
     negative_embeds: torch.Tensor | None
     batch: int
+    guidance: float
+    max_len: int
+
+
+@dataclass
+class _Request:
+    """A validated generate() call."""
+    text: _Text
     num_frames: int
     height: int
     width: int
     steps: int
-    guidance: float
     dynamic_cfg: bool
-    max_len: int
     output_type: str
     mode: str = "t2v"                     # "t2v", "i2v" or "v2v"
     frames: list | None = None            # the image (one frame) or the video's frames
     image_noise_sigma: float | str | None = None
     start: int = 0                        # first step of the schedule (video-to-video)
     vae_tiling: bool | str = "auto"
+
+    @property
+    def batch(self) -> int:
+        return self.text.batch
+
+    @property
+    def guidance(self) -> float:
+        return self.text.guidance
 
 
 def _as_prompt_list(name: str, value) -> list[str] | None:
@@ -220,11 +234,8 @@ class Pipeline:
                           f"{steps} steps no denoising step would run")
         return "v2v", frames, schedulers.first_step(steps, strength)
 
-    def _validate(self, *, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
-                  image=None, image_noise_sigma=None, video=None, strength=0.8, num_frames=None, height=None,
-                  width=None, num_inference_steps=50, guidance_scale=6.0, use_dynamic_cfg=False, seed=None,
-                  generator=None, latents=None, max_sequence_length=None, vae_tiling="auto", output_type="np",
-                  allow_untrained_size=False) -> _Request:
+    def _validate_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                       max_sequence_length) -> _Text:
         prompts, negative = _as_prompt_list("prompt", prompt), _as_prompt_list("negative_prompt", negative_prompt)
         if prompts is not None and prompt_embeds is not None:
             raise bad_arg("prompt_embeds", f"tensor{tuple(prompt_embeds.shape)}",
@@ -236,6 +247,25 @@ class Pipeline:
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if negative is not None and len(negative) != batch:
             raise bad_arg("negative_prompt", negative_prompt, f"one negative prompt per prompt ({batch})")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise bad_arg("guidance_scale", guidance_scale, "a finite number >= 0 (values <= 1 disable CFG)")
+        max_len = _positive_int("max_sequence_length", _pick(max_sequence_length, self.config.max_text_seq_length))
+        if self.config.use_learned_positional_embeddings and max_len != self.config.max_text_seq_length:
+            raise bad_arg("max_sequence_length", max_len, f"{self.config.max_text_seq_length} for this model "
+                          "(its learned positional table includes the text tokens)")
+        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if emb is not None and (emb.dim() != 3 or emb.shape[0] != batch or emb.shape[2] != self.config.text_embed_dim):
+                raise bad_arg(name, f"tensor{tuple(emb.shape)}", f"shape ({batch}, seq, {self.config.text_embed_dim})")
+        return _Text(prompts, negative, prompt_embeds, negative_prompt_embeds, batch, float(guidance_scale), max_len)
+
+    def _validate(self, *, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                  image=None, image_noise_sigma=None, video=None, strength=0.8, num_frames=None, height=None,
+                  width=None, num_inference_steps=50, guidance_scale=6.0, use_dynamic_cfg=False, seed=None,
+                  generator=None, latents=None, max_sequence_length=None, vae_tiling="auto", output_type="np",
+                  allow_untrained_size=False) -> _Request:
+        text = self._validate_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                                   max_sequence_length)
         steps = _positive_int("num_inference_steps", num_inference_steps)
         if steps > self.scheduler.num_train_timesteps:
             raise bad_arg("num_inference_steps", steps, f"at most {self.scheduler.num_train_timesteps}")
@@ -248,16 +278,6 @@ class Pipeline:
         height = _positive_int("height", _pick(height, size[0]))
         width = _positive_int("width", _pick(width, size[1]))
         self._check_size(num_frames, height, width, mode, allow_untrained_size)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise bad_arg("guidance_scale", guidance_scale, "a finite number >= 0 (values <= 1 disable CFG)")
-        max_len = _positive_int("max_sequence_length", _pick(max_sequence_length, self.config.max_text_seq_length))
-        if self.config.use_learned_positional_embeddings and max_len != self.config.max_text_seq_length:
-            raise bad_arg("max_sequence_length", max_len, f"{self.config.max_text_seq_length} for this model "
-                          "(its learned positional table includes the text tokens)")
-        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if emb is not None and (emb.dim() != 3 or emb.shape[0] != batch or emb.shape[2] != self.config.text_embed_dim):
-                raise bad_arg(name, f"tensor{tuple(emb.shape)}", f"shape ({batch}, seq, {self.config.text_embed_dim})")
         if output_type not in OUTPUT_TYPES:
             raise bad_arg("output_type", output_type, f"one of {OUTPUT_TYPES}")
         if vae_tiling not in ("auto", True, False):
@@ -269,11 +289,10 @@ class Pipeline:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise bad_arg("generator", generator, "a torch.Generator")
         if latents is not None:
-            expected = (batch, *self._latent_shape(num_frames, height, width))
+            expected = (text.batch, *self._latent_shape(num_frames, height, width))
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 raise bad_arg("latents", getattr(latents, "shape", latents), f"a tensor of shape {expected}")
-        return _Request(prompts, negative, prompt_embeds, negative_prompt_embeds, batch, num_frames, height, width,
-                        steps, float(guidance_scale), bool(use_dynamic_cfg), max_len, output_type, mode, frames,
+        return _Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
                         image_noise_sigma, start, vae_tiling)
 
     def _extra_latent_frames(self, num_frames: int) -> int:
@@ -293,24 +312,25 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def encode_prompts(self, req: _Request) -> torch.Tensor:
+    def encode_prompts(self, text: _Text) -> torch.Tensor:
         """Text embeddings for the batch: (2B, L, D) [negative; positive] with CFG, else (B, L, D).
         Whatever needs encoding goes through T5 in one batched call."""
-        cfg_on = req.guidance > 1.0
+        cfg_on = text.guidance > 1.0
         texts = []
-        if cfg_on and req.negative_embeds is None:
-            texts += req.negative or [""] * req.batch
-        if req.prompt_embeds is None:
-            texts += req.prompts
+        if cfg_on and text.negative_embeds is None:
+            texts += text.negative or [""] * text.batch
+        if text.prompt_embeds is None:
+            texts += text.prompts
         encoded = None
         if texts:
             self._use("text_encoder")
-            encoded = self.text_encoder.encode(texts, req.max_len, self.device, self.dtype)
-        cond = req.prompt_embeds.to(self.device, self.dtype) if req.prompt_embeds is not None else encoded[-req.batch:]
+            encoded = self.text_encoder.encode(texts, text.max_len, self.device, self.dtype)
+        cond = text.prompt_embeds.to(self.device, self.dtype) if text.prompt_embeds is not None \
+            else encoded[-text.batch:]
         if not cfg_on:
             return cond
-        uncond = req.negative_embeds.to(self.device, self.dtype) if req.negative_embeds is not None \
-            else encoded[:req.batch]
+        uncond = text.negative_embeds.to(self.device, self.dtype) if text.negative_embeds is not None \
+            else encoded[:text.batch]
         return torch.cat((uncond, cond))
 
     @torch.no_grad()
@@ -318,11 +338,8 @@ class Pipeline:
                     max_sequence_length: int | None = None) -> torch.Tensor:
         """The text stage of `generate` on its own: (2B, L, D) [negative; positive] with CFG
         (guidance_scale > 1), else (B, L, D); split it into prompt_embeds/negative_prompt_embeds."""
-        image = torch.zeros(3, 16, 16) if self.config.is_image_to_video else None  # only to pass validation
-        req = self._validate(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                             max_sequence_length=max_sequence_length, image=image, num_inference_steps=1,
-                             allow_untrained_size=True)
-        return self.encode_prompts(req)
+        return self.encode_prompts(self._validate_text(prompt, negative_prompt, None, None, guidance_scale,
+                                                       max_sequence_length))
 
     def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
         # Drawn on the generator's device in the latent dtype, then moved: what diffusers' randn_tensor
@@ -476,7 +493,7 @@ class Pipeline:
             generator = torch.Generator("cpu").manual_seed(seed)
         stages = _StageMeter(self)
         with stages("text_encoding"):
-            text = self.encode_prompts(req)
+            text = self.encode_prompts(req.text)
         cond = None
         if req.mode != "t2v":
             with stages("encoding"):
