@@ -18,32 +18,10 @@ from cvfast.models.vae_memory import (choose_tiling, free_device_bytes, projecte
                                       projected_encode_peak_bytes)
 
 diffusers = pytest.importorskip("diffusers")
+from tests.test_vae import _pair, rel_err  # noqa: E402  (the same diffusers/cvfast VAE pair)
 
 TOL = 1e-6
 GiB = 2 ** 30
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all() and b.norm() > 0
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _pair(**overrides):
-    """(diffusers VAE, cvfast VAE) with the same random weights; spatial factor 8, temporal 4."""
-    kwargs = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
-                  down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKLCogVideoX(**kwargs).eval()
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(1 + 0.3 * torch.randn_like(m.weight))
-                m.bias.copy_(0.2 * torch.randn_like(m.bias))
-    ours = CogVideoXVAE(VAEConfig.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
 
 
 @pytest.fixture(scope="module")
