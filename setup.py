@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cvfast", "cvfast.*"]),
+    package_data={"cvfast.export": ["tensorrt_onnx_ops.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
@@ -26,9 +27,11 @@ setup(
     ],
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.
-        "test": ["pytest>=8", "diffusers>=0.32", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "diffusers>=0.32", "matplotlib>=3.8",
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],
         "bench": ["matplotlib>=3.8"],
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        # cvfast.export_onnx: torch's dynamo exporter (onnxscript, onnx-ir) and the onnxruntime check.
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],
     },
     entry_points={"console_scripts": ["cvfast=cvfast.cli:main"]},
 )

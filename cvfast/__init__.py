@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CVFastInputError, NonFiniteLatentsError
+from .export import export_onnx
 from .loading import load
 from .pipeline import GenerationResult, Pipeline
 from .video import save_video
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "save_video", "Pipeline", "GenerationResult", "CVFastInputError",
+__all__ = ["load", "generate", "save_video", "export_onnx", "Pipeline", "GenerationResult", "CVFastInputError",
            "NonFiniteLatentsError", "__version__"]
 
 

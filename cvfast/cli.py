@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="'model': keep components on the CPU, each on the GPU only while it runs")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
     gen.add_argument("--no-progress", action="store_true")
+    from .export.cli import add_parser as add_export_parser
+    add_export_parser(sub)
     return parser
 
 
@@ -70,6 +72,9 @@ def _read_inputs(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        from .export.cli import run as run_export
+        return run_export(args)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
     logging.getLogger("cvfast").addHandler(handler)

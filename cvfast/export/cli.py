@@ -1,0 +1,89 @@
+"""`cvfast export onnx ...` and `cvfast export tensorrt ...`."""
+from __future__ import annotations
+
+import sys
+
+from ..errors import CVFastInputError
+
+TENSORRT_MISSING = (
+    "TensorRT is not installed (the Python package `tensorrt` cannot be imported). Install it on a machine "
+    "with an NVIDIA GPU and CUDA: `pip install tensorrt` (it must match the CUDA/driver of that machine). "
+    "The ONNX export does not need it: `cvfast export onnx --model M --out DIR` works here, and the engine "
+    "can be built from that file later (see the README.txt that --serving-repo writes).")
+TENSORRT_NOT_YET = (
+    "building a TensorRT engine from cvfast is not implemented yet (the TensorRT part of the export issue). "
+    "Export with `cvfast export onnx --model M --out DIR --serving-repo REPO` and build the engine with the "
+    "trtexec command in REPO/<name>/1/README.txt.")
+
+
+def add_parser(sub) -> None:
+    """Add `export` (with `onnx` and `tensorrt`) to the `cvfast` subcommands."""
+    exp = sub.add_parser("export", help="export the transformer for serving (ONNX, TensorRT)")
+    formats = exp.add_subparsers(dest="format", required=True)
+    for fmt, text in (("onnx", "write transformer.onnx (dynamic batch) and optionally check it"),
+                      ("tensorrt", "build a TensorRT engine (needs TensorRT)")):
+        p = formats.add_parser(fmt, help=text)
+        p.add_argument("--model", default="tiny", help="model folder, hub id, or 'tiny' (default)")
+        p.add_argument("--out", required=True, help="output directory (transformer.onnx goes there)")
+        p.add_argument("--frames", type=int, default=None, help="number of video frames (default: the model's)")
+        p.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's)")
+        p.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's)")
+        p.add_argument("--batch", type=int, default=1, help="batch the engine is tuned for (the ONNX batch is dynamic)")
+        p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default float32)")
+        p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the model's, 226)")
+        p.add_argument("--allow-untrained-size", action="store_true", help="as generate(): 1.5-I2V sizes")
+        p.add_argument("--allow-fp16", action="store_true")
+        p.add_argument("--check", action="store_true",
+                       help="run the ONNX model under onnxruntime at batch 1 and 2 against the reference forward, "
+                            "and list operators TensorRT does not support")
+        p.add_argument("--serving-repo", default=None, help="also write a Triton model repository there")
+
+
+def _tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(args) -> int:
+    if args.format == "tensorrt":
+        print(f"cvfast: error: {TENSORRT_MISSING if not _tensorrt_available() else TENSORRT_NOT_YET}",
+              file=sys.stderr)
+        return 2
+    from .. import load
+    from . import check_onnx, export_onnx, write_serving_repo
+    from .onnx_export import require_onnx
+    try:
+        require_onnx()
+        pipe = load(args.model, device="cpu", dtype=args.dtype, backend="reference", allow_fp16=args.allow_fp16)
+        d = pipe.defaults
+        path = export_onnx(pipe, args.out, frames=args.frames if args.frames is not None else d["num_frames"],
+                           height=args.height if args.height is not None else d["height"],
+                           width=args.width if args.width is not None else d["width"], batch=args.batch,
+                           text_len=args.text_len, allow_untrained_size=args.allow_untrained_size)
+    except (CVFastInputError, ImportError) as exc:
+        print(f"cvfast: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}" + (" (+ transformer.onnx.data)" if path.with_name(path.name + ".data").exists() else ""))
+    status = 0
+    if args.check:
+        from .validate import ONNXCheckError
+        try:
+            result = check_onnx(pipe, path)
+        except ONNXCheckError as exc:
+            print(f"cvfast: check failed: {exc}", file=sys.stderr)
+            return 1
+        for batch, s in result["batches"].items():
+            print(f"check batch {batch}: relative L2 {s['rel_l2']:.3g}, max abs {s['max_abs']:.3g}, "
+                  f"cosine {s['cosine']:.8f} (bound {result['bound']:g}, {result['dtype']}, {result['mode']})")
+        if result["unsupported_ops"]:
+            print(f"cvfast: check failed: operators TensorRT's ONNX parser does not support: "
+                  f"{', '.join(result['unsupported_ops'])}", file=sys.stderr)
+            status = 1
+        else:
+            print("check TensorRT operators: all supported")
+    if args.serving_repo is not None:
+        print(f"wrote {write_serving_repo(path, args.serving_repo)}")
+    return status
