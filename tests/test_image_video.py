@@ -112,19 +112,28 @@ def test_conditioning_inputs_are_validated(variant, kwargs, match):
 
 
 def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):
-    """On a CPU the compute device and the home are the same, so the moves are recorded instead:
-    each component is brought to the device right before its stage with the others sent home."""
+    """On a CPU-only machine the compute device and the CPU home are the same, so the home is replaced
+    by a stand-in ("meta") and moves are recorded instead of made: each component must be brought to
+    the device right before its stage with the others sent home, and while the VAE decodes, the
+    transformer and the text encoder must be at home."""
     pipe = cvfast.load("tiny", offload="model")
-    moves = []
-    monkeypatch.setattr(pipe, "_place", lambda module, device: moves.append(
-        (next(n for n, m in pipe._components().items() if m is module), device.type)))
+    pipe.home = torch.device("meta")
+    where = {name: "cpu" for name in pipe._components()}
+    brought = []
+
+    def record(module, device):
+        name = next(n for n, m in pipe._components().items() if m is module)
+        where[name] = device.type
+        if device.type == "cpu":
+            brought.append((name, sorted(n for n, w in where.items() if w == "cpu")))
+
+    monkeypatch.setattr(pipe, "_place", record)
+    during_decode = {}
+    real_decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: during_decode.update(where) or real_decode(z, **kw))
     pipe.generate("a cat", num_inference_steps=1, seed=0, progress=False)
-    on_device = []
-    for name, where in moves:  # replay: which components are "on the device" after each move
-        on_device = [n for n in on_device if n != name] + ([name] if where == pipe.device.type else [])
-        assert len(on_device) <= 1 or pipe.device.type == "cpu"
-    brought = [name for name, _ in moves][2::3]  # every third move is the one brought in
-    assert brought == ["text_encoder", "transformer", "vae"]
+    assert brought == [("text_encoder", ["text_encoder"]), ("transformer", ["transformer"]), ("vae", ["vae"])]
+    assert during_decode == {"text_encoder": "meta", "transformer": "meta", "vae": "cpu"}
     with pytest.raises(CVFastInputError, match="offload='disk'"):
         cvfast.load("tiny", offload="disk")
 

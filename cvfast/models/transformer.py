@@ -110,8 +110,10 @@ class CogVideoXTransformer(nn.Module):
         return frames // cfg.temporal_patch * (cfg.sample_height // cfg.patch_size) * (cfg.sample_width // cfg.patch_size)
 
     def position_tables(self, latent_frames: int, latent_h: int, latent_w: int, device) -> dict:
-        """Positional inputs for a latent shape: {'sincos': (N, D)} or {'rope': (cos, sin)}, float32
-        on `device`, N = patch tokens. Learned-position models take their table from the weights."""
+        """Positional inputs for a latent shape, on `device`, N = patch tokens: {'rope': (cos, sin)}
+        (N, head_dim) float32 (RoPE runs in fp32), or {'sincos': (N, D)} already in the model's
+        dtype (cast once here, not every step). Learned-position models take their table from the
+        weights."""
         cfg, p = self.cfg, self.cfg.patch_size
         frames, grid_h, grid_w = latent_frames // cfg.temporal_patch, latent_h // p, latent_w // p
         if cfg.use_rotary_positional_embeddings:
@@ -120,7 +122,7 @@ class CogVideoXTransformer(nn.Module):
             return {"rope": (cos.to(device), sin.to(device))}
         table = sincos_3d(cfg.inner_dim, frames, grid_h, grid_w, cfg.spatial_interpolation_scale,
                           cfg.temporal_interpolation_scale)
-        return {"sincos": table.to(device)}
+        return {"sincos": table.to(device=device, dtype=self.patch_proj.weight.dtype)}
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, F, C, H, W) -> (B, F/pt * H/p * W/p, C*pt*p*p), features ordered (C, pt, p, p)."""
@@ -155,7 +157,7 @@ class CogVideoXTransformer(nn.Module):
             text_tok = text_tok + pos[:, :text.shape[1]]
             video_tok = video_tok + pos[:, cfg.max_text_seq_length:]
         elif "sincos" in tables:
-            video_tok = video_tok + tables["sincos"].to(video_tok.dtype)
+            video_tok = video_tok + tables["sincos"]
         # 3. The blocks.
         rope = tables.get("rope")
         for block in self.blocks:
