@@ -78,7 +78,7 @@ def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *,
         args = make_args()
         ref_row = None
         for backend, fn in _backends_for(op, device, backends):
-            row = measured_row("ops", case, backend, lambda: fn(*args), device, flops=flops, bytes_moved=nbytes,
+            row = measured_row("ops", case, backend, lambda fn=fn, a=args: fn(*a), device, flops=flops, bytes_moved=nbytes,
                                warmup=1, iters=(3 if backend == "reference" else 10) if gpu else 2,
                                dtype=str(dtype).replace("torch.", ""))
             if ref_row is None:

@@ -59,7 +59,6 @@ measured on an H200 with ~0.4 GB of weights and the latent included.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 

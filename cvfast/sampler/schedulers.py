@@ -9,7 +9,6 @@ what lets the later CUDA-graph sampler capture it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
