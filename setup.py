@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.
-        "test": ["pytest>=8", "diffusers>=0.32", "matplotlib>=3.8",
+        "test": ["pytest>=8", "diffusers>=0.32", "peft>=0.12", "matplotlib>=3.8",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],
         "bench": ["matplotlib>=3.8"],
         # cvfast.export_onnx: torch's dynamo exporter (onnxscript, onnx-ir) and the onnxruntime check.

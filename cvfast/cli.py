@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", default="none", choices=["none", "model"],
                      help="'model': keep components on the CPU, each on the GPU only while it runs")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH",
+                     help="a diffusers/PEFT-format LoRA .safetensors merged into the weights (repeatable)")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--no-progress", action="store_true")
     from .export.cli import add_parser as add_export_parser
     add_export_parser(sub)
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
                           backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
+                          loras=[(path, args.lora_scale) for path in args.lora],
                           vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
                           **_read_inputs(args), negative_prompt=args.negative_prompt,
                           num_frames=args.frames, height=args.height, width=args.width,

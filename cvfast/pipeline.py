@@ -127,6 +127,7 @@ class Pipeline:
         self.device, self.dtype, self.defaults = device, dtype, defaults
         # offload="model": components live on the CPU and each comes to `device` only while it runs.
         self.offload, self.home = offload, torch.device("cpu")
+        self._lora_backup: dict[str, torch.Tensor] = {}  # base tensors of the layers LoRAs changed
 
     @property
     def config(self) -> TransformerConfig:
@@ -139,6 +140,33 @@ class Pipeline:
     def __repr__(self) -> str:
         return (f"Pipeline({self.name!r}, variant={self.config.variant}, device={self.device}, "
                 f"dtype={self.dtype}, scheduler={self.scheduler.kind}, offload={self.offload})")
+
+    # -- LoRA -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_lora(self, path, scale: float = 1.0) -> list[str]:
+        """Merge a diffusers/PEFT-format LoRA (a .safetensors file, or a folder holding one) into the
+        transformer's weights: W += scale * alpha / r * B @ A. Several LoRAs stack; `unload_lora()`
+        restores the base weights bit for bit. Returns the transformer parameters it changed."""
+        from .models.lora import lora_deltas, read_lora
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise bad_arg("scale", scale, "a finite number")
+        params = dict(self.transformer.named_parameters())
+        deltas = lora_deltas(read_lora(path), params, float(scale), str(path))  # all checks before any change
+        for name, parts in deltas.items():
+            weight = params[name]
+            self._lora_backup.setdefault(name, weight.detach().to("cpu", copy=True))
+            for rows, delta in parts:
+                weight[rows] += delta.to(weight.device, weight.dtype)
+        return sorted(deltas)
+
+    @torch.no_grad()
+    def unload_lora(self) -> None:
+        """Put back the base weights of every layer a LoRA changed (bit-identical)."""
+        params = dict(self.transformer.named_parameters())
+        for name, original in self._lora_backup.items():
+            params[name].copy_(original)
+        self._lora_backup.clear()
 
     # -- placement (offload="model") ----------------------------------------------------------
 

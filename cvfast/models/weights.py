@@ -14,8 +14,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import CVFastInputError
 
-class WeightError(ValueError):
+
+class WeightError(CVFastInputError):
     """A checkpoint does not match the model it is loaded into."""
 
 

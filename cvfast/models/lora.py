@@ -1,0 +1,115 @@
+"""LoRA adapters in the diffusers/PEFT safetensors format, merged into the weights at load time.
+
+A LoRA on a linear layer W (out, in) adds scale * (alpha / r) * B @ A with A (r, in) and B (out, r).
+cvfast merges that product into W once, so every backend runs at full speed with no extra matmuls;
+the original tensors of the layers it touched are kept (on the CPU) so that unloading restores them
+bit for bit. diffusers names the layers of its own transformer; they are renamed with the same
+table that loads the base weights (q/k/v LoRAs land in their rows of the fused qkv projection).
+
+alpha comes from, in this order: a per-layer `<layer>.alpha` tensor (kohya-style files), the
+`lora_adapter_metadata` JSON diffusers writes into the safetensors header (`transformer.lora_alpha`),
+else alpha = r (a scaling of 1, what diffusers assumes for a file without either).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CVFastInputError
+from .weights import _QKV, _rename
+
+_LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<ab>[AB])\.weight")
+# The top-level modules of diffusers' CogVideoXTransformer3DModel: keys without the "transformer."
+# prefix (a bare PEFT state dict) must start with one of them.
+_TRANSFORMER_ROOTS = ("transformer_blocks.", "patch_embed.", "time_embedding.", "ofs_embedding.", "norm_final.",
+                      "norm_out.", "proj_out.")
+
+
+class LoRAError(CVFastInputError):
+    """An adapter that does not fit the loaded model; the message lists what did not match."""
+
+
+def _alpha_from_metadata(metadata: dict) -> tuple[float | None, list[str]]:
+    """(the global lora_alpha, the per-layer patterns cvfast does not take) from diffusers' header."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None, []
+    meta = json.loads(raw)
+    alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
+    patterns = [k for k in ("transformer.alpha_pattern", "transformer.rank_pattern", "alpha_pattern", "rank_pattern")
+                if meta.get(k)]
+    return alpha, patterns
+
+
+def read_lora(path: str | Path) -> dict[str, dict]:
+    """{diffusers layer name: {"A": (r, in), "B": (out, r), "alpha": float}} of a transformer LoRA file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise LoRAError(f"{path}: expected one *.safetensors LoRA file, found {[f.name for f in files]}")
+        path = files[0]
+    if path.suffix != ".safetensors":
+        raise LoRAError(f"{path}: LoRA files are read as safetensors only (pickles are never loaded here)")
+    with safe_open(str(path), framework="pt") as f:
+        alpha, patterns = _alpha_from_metadata(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if patterns:
+        raise LoRAError(f"{path}: per-layer alpha/rank patterns ({patterns}) are not supported yet")
+    layers, foreign, unknown = {}, [], []
+    alphas = {k[:-len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha"):
+            continue
+        name = key.removeprefix("base_model.model.")
+        if name.startswith("transformer."):
+            name = name[len("transformer."):]
+        elif not name.startswith(_TRANSFORMER_ROOTS):
+            foreign.append(key)  # e.g. "text_encoder.<...>": an adapter for another component
+            continue
+        match = _LORA_KEY.fullmatch(name)
+        if match is None:
+            unknown.append(key)
+            continue
+        layers.setdefault(match["layer"], {})[match["ab"]] = tensor
+    if foreign or unknown:
+        raise LoRAError(f"{path}: tensors that are not a transformer LoRA: {(foreign + unknown)[:8]}")
+    for layer, parts in layers.items():
+        if set(parts) != {"A", "B"}:
+            raise LoRAError(f"{path}: layer {layer} has lora_{'/lora_'.join(sorted(parts))} only")
+        rank = parts["A"].shape[0]
+        if parts["B"].shape[1] != rank:
+            raise LoRAError(f"{path}: layer {layer}: lora_A rank {rank} and lora_B rank {parts['B'].shape[1]} disagree")
+        parts["alpha"] = alphas.get(layer, alphas.get(f"transformer.{layer}", alpha if alpha is not None else rank))
+    return layers
+
+
+def lora_deltas(layers: dict[str, dict], params: dict[str, torch.Tensor], scale: float,
+                source: str) -> dict[str, list[tuple[slice, torch.Tensor]]]:
+    """{cvfast parameter: [(rows it changes, delta float32), ...]} for the transformer whose
+    parameters are `params`; layers that match nothing, or whose shape disagrees, raise listing them."""
+    out, unmatched = {}, []
+    for layer, parts in layers.items():
+        delta = scale * (parts["alpha"] / parts["A"].shape[0]) * (parts["B"].float() @ parts["A"].float())
+        qkv = _QKV.fullmatch(f"{layer}.weight")
+        if qkv:
+            name = f"blocks.{qkv[1]}.qkv.weight"
+            rows = params[name].shape[0] // 3 if name in params else 0
+            index = "qkv".index(qkv[2])
+            target = (name, slice(index * rows, (index + 1) * rows))
+        else:
+            name = _rename(f"{layer}.weight")
+            target = (name, slice(None)) if name in params else None
+        if target is None or params[target[0]][target[1]].shape != delta.shape:
+            have = tuple(params[target[0]][target[1]].shape) if target else "no such layer"
+            unmatched.append(f"{layer} (delta {tuple(delta.shape)}, model: {have})")
+            continue
+        out.setdefault(target[0], []).append((target[1], delta))
+    if unmatched:
+        raise LoRAError(f"{source}: LoRA layers that match no layer of this {len(params)}-tensor transformer: "
+                        f"{unmatched[:8]}")
+    return out

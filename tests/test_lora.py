@@ -1,0 +1,113 @@
+"""diffusers/PEFT-format LoRA merged at load time, against diffusers' load_lora_weights + fuse_lora."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import cvfast
+from cvfast.models.lora import LoRAError
+from tests.fixtures import tiny_folder
+from tests.test_pipeline import PROMPT, SIZE, rel_l2
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "proj_out"]
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A random rank-4, alpha-8 LoRA on most linear layers of the tiny 5B-like model, saved by
+    diffusers with its adapter metadata (so alpha travels in the file)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(tiny_folder("5b", "ddim"))
+    torch.manual_seed(7)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    pipe.transformer.add_adapter(config)
+    out = tmp_path_factory.mktemp("lora")
+    diffusers.CogVideoXPipeline.save_lora_weights(
+        out, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=config.to_dict())
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_merged_lora_matches_diffusers_fuse_lora(lora_file):
+    folder = tiny_folder("5b", "ddim")
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, **SIZE)
+    ref = diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora_file)
+    ref.fuse_lora(lora_scale=0.7)
+    expected = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(3), output_type="np",
+                   max_sequence_length=16, **kw).frames
+    pipe = cvfast.load(folder, device="cpu", dtype=torch.float32, backend="reference")
+    base = pipe.generate(PROMPT, seed=3, progress=False, **kw).frames
+    changed = pipe.load_lora(lora_file, scale=0.7)
+    assert "blocks.0.qkv.weight" in changed and "proj_out.weight" in changed
+    ours = pipe.generate(PROMPT, seed=3, progress=False, **kw).frames
+    assert rel_l2(ours, expected) <= 5e-5
+    assert rel_l2(base, expected) > 1e-2  # the adapter really changes the video
+
+
+def test_unload_restores_base_weights_bit_for_bit(lora_file):
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora(lora_file)
+    pipe.load_lora(lora_file, scale=-0.5)  # stacking two
+    assert not torch.equal(before["blocks.1.qkv.weight"], pipe.transformer.state_dict()["blocks.1.qkv.weight"])
+    pipe.unload_lora()
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _write(path, tensors):
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"transformer.transformer_blocks.0.attn1.to_z.lora_A.weight": torch.zeros(4, 32),
+      "transformer.transformer_blocks.0.attn1.to_z.lora_B.weight": torch.zeros(32, 4)}, "to_z.*no such layer"),
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}, "rank 4 and lora_B rank 2"),
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4)}, r"delta \(32, 48\)"),
+    ({"text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 32)}, "not a transformer LoRA"),
+    ({"transformer.proj_out.lora_A.weight": torch.zeros(4, 32)}, "lora_A only"),
+])
+def test_adapters_that_do_not_fit_are_refused_before_any_change(tmp_path, tensors, match):
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(LoRAError, match=match):
+        pipe.load_lora(_write(tmp_path / "bad.safetensors", tensors))
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_alpha_tensor_and_default_alpha(tmp_path):
+    """kohya-style `.alpha` tensors win; without alpha anywhere the scaling is 1 (alpha = r)."""
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    a, b = torch.randn(2, 32), torch.randn(32, 2)
+    key = "transformer.transformer_blocks.0.attn1.to_out.0"
+    base = pipe.transformer.blocks[0].attn_out.weight.clone()
+    pipe.load_lora(_write(tmp_path / "plain.safetensors", {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}))
+    torch.testing.assert_close(pipe.transformer.blocks[0].attn_out.weight, base + b @ a)
+    pipe.unload_lora()
+    pipe.load_lora(_write(tmp_path / "alpha.safetensors", {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b,
+                                                           f"{key}.alpha": torch.tensor(1.0)}), scale=2.0)
+    torch.testing.assert_close(pipe.transformer.blocks[0].attn_out.weight, base + 2.0 * 0.5 * b @ a)
+
+
+def test_cli_lora(tmp_path):
+    import subprocess
+    import sys
+    good = _write(tmp_path / "tiny_lora.safetensors", {"transformer.proj_out.lora_A.weight": torch.randn(2, 64),
+                                                       "transformer.proj_out.lora_B.weight": torch.randn(16, 2)})
+    base = [sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--steps", "1", "--no-progress"]
+    proc = subprocess.run(base + ["--lora", str(good), "--lora-scale", "0.5", "--out", str(tmp_path / "a.mp4")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bad = _write(tmp_path / "bad.safetensors", {"transformer.proj_out.lora_A.weight": torch.randn(2, 48),
+                                                "transformer.proj_out.lora_B.weight": torch.randn(16, 2)})
+    proc = subprocess.run(base + ["--lora", str(bad), "--out", str(tmp_path / "b.mp4")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "proj_out" in proc.stderr and "Traceback" not in proc.stderr
