@@ -429,7 +429,14 @@ class Pipeline:
                   for t in plan.timesteps_host]
         tables = self.transformer.position_tables(latents.shape[1], latents.shape[3], latents.shape[4], self.device)
         ofs = torch.full((1,), 2.0, device=self.device, dtype=self.dtype) if self.config.ofs_embed_dim else None
-        cond_in = torch.cat((cond, cond)) if cond is not None and cfg_on else cond
+        # The transformer's input lives in one buffer for the whole loop: each step copies the latents
+        # into its (one or two, with CFG) batch halves; image latents fill the extra channels once.
+        copies, channels = (2 if cfg_on else 1), latents.shape[2]
+        model_in = latents.new_empty(copies * latents.shape[0], latents.shape[1],
+                                     channels + (cond.shape[2] if cond is not None else 0), *latents.shape[3:])
+        if cond is not None:
+            model_in[:, :, channels:] = cond.repeat(copies, 1, 1, 1, 1)
+        halves = model_in[:, :, :channels].chunk(copies)
         # The first non-finite step is recorded on the device and checked once after the loop: no
         # host sync per step.
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -440,9 +447,8 @@ class Pipeline:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="denoising", unit="step")
         for i in steps:
-            model_in = torch.cat((latents, latents)) if cfg_on else latents
-            if cond_in is not None:
-                model_in = torch.cat((model_in, cond_in), dim=2)
+            for half in halves:
+                half.copy_(latents)
             t = plan.timesteps[i].expand(model_in.shape[0])
             out = self.transformer(model_in, text, t, tables, ofs=ofs).float()
             if cfg_on:

@@ -1,5 +1,4 @@
 """diffusers/PEFT-format LoRA merged at load time, against diffusers' load_lora_weights + fuse_lora."""
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -72,6 +72,16 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _subgraphs(node):
+    """The graphs held in `node`'s attributes (If branches, Loop/Scan bodies)."""
+    import onnx
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def _promote_to_fp32(model) -> None:
     """In place: every bf16/fp16 tensor type, initializer, constant and cast of `model` -> fp32."""
     import onnx
@@ -91,13 +101,10 @@ def _promote_to_fp32(model) -> None:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     fix_tensor(attr.t)
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    fix_graph(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        fix_graph(sub)
                 elif attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _LOW_PRECISION:
                     attr.i = onnx.TensorProto.FLOAT
+            for sub in _subgraphs(node):
+                fix_graph(sub)
 
     fix_graph(model.graph)
 
@@ -201,7 +208,6 @@ def tensorrt_ops() -> dict:
 def graph_op_types(model) -> set[tuple[str, str]]:
     """(domain, op_type) of every node of `model` after inlining its local functions, including the
     nodes of subgraphs (If/Loop/Scan bodies)."""
-    import onnx
     from onnx import inliner
     if model.functions:
         model = inliner.inline_local_functions(model)
@@ -210,12 +216,8 @@ def graph_op_types(model) -> set[tuple[str, str]]:
     def walk(graph):
         for node in graph.node:
             found.add((node.domain, node.op_type))
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub)
+            for sub in _subgraphs(node):
+                walk(sub)
 
     walk(model.graph)
     for fn in model.functions:  # functions the inliner left (not called, or recursive): list theirs too
