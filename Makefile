@@ -4,9 +4,10 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check -q
 STAMP   := $(VENV)/.cvfast-installed
 TSTAMP  := $(VENV)/.cvfast-test-installed
-# Without CUDA the CPU wheel (on this kind of machine it comes from local disk); with an NVIDIA
-# driver, pip's default (CUDA) build. An already installed torch is never replaced.
-TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# Without CUDA the CPU wheel (on this kind of machine it comes from local disk) and the Triton
+# release the interpreter tests were run with; with an NVIDIA driver, pip's default (CUDA) build,
+# which brings its own Triton. An already installed torch is never replaced.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0 triton==3.8.0)
 
 .PHONY: install demo test clean
 
@@ -14,7 +15,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 $(STAMP): $(PY) setup.py constraints.txt
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install -c constraints.txt -e .
 	touch $@
 

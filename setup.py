@@ -13,6 +13,9 @@ setup(
     package_data={"cvfast.export": ["tensorrt_onnx_ops.json"]},
     install_requires=[
         "torch>=2.4",
+        # The Triton kernels (cvfast/kernels); CUDA builds of torch bring it, CPU builds do not
+        # (there it serves the tests, under TRITON_INTERPRET=1).
+        "triton>=3.2; platform_system == 'Linux'",
         "numpy>=1.24",
         "safetensors>=0.4",
         "transformers>=4.44",

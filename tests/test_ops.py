@@ -55,13 +55,49 @@ def test_rope_matches_complex_rotation():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_adaln_modulate():
-    torch.manual_seed(1)
-    x, w, b = torch.randn(2, 5, 24), torch.randn(24), torch.randn(24)
-    shift, scale = torch.randn(2, 24), torch.randn(2, 24)
+def _row_norm(x, w, b, eps):
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    expected = ((x - mean) / torch.sqrt(var + 1e-5) * w + b) * (1 + scale[:, None]) + shift[:, None]
-    torch.testing.assert_close(reference.adaln_modulate(x, w, b, shift, scale, 1e-5), expected, rtol=1e-5, atol=1e-5)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_modulate_per_segment(groups):
+    torch.manual_seed(1)
+    x, w, b = torch.randn(2, 9, 24), torch.randn(24), torch.randn(24)
+    shift, scale = torch.randn(2, groups, 24), torch.randn(2, groups, 24)
+    n_text = 4
+    expected = torch.empty_like(x)
+    for row in range(9):  # row by row: text rows take entry 0, video rows the last entry
+        seg = 0 if row < n_text else groups - 1
+        expected[:, row] = _row_norm(x[:, row], w, b, 1e-5) * (1 + scale[:, seg]) + shift[:, seg]
+    got = reference.modulate(x, w, b, shift, scale, n_text, 1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_residual_modulate_adds_then_normalises():
+    torch.manual_seed(5)
+    h, y, w, b = torch.randn(2, 7, 16), torch.randn(2, 7, 16), torch.randn(16), torch.randn(16)
+    gate, shift, scale = torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    new_h, normed = reference.gated_residual_modulate(h, y, gate, w, b, shift, scale, 3, 1e-6)
+    expected_h = torch.cat((h[:, :3] + gate[:, :1] * y[:, :3], h[:, 3:] + gate[:, 1:] * y[:, 3:]), dim=1)
+    torch.testing.assert_close(new_h, expected_h)
+    torch.testing.assert_close(normed, reference.modulate(expected_h, w, b, shift, scale, 3, 1e-6))
+    torch.testing.assert_close(reference.gated_residual(h, y, gate, 3), expected_h)
+
+
+def test_joint_attention_is_norm_rope_attention():
+    torch.manual_seed(6)
+    batch, seq, heads, d, n_text = 2, 11, 3, 8, 4
+    qkv = torch.randn(batch, seq, 3 * heads * d, dtype=torch.float64)
+    w, b = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    angles = torch.randn(seq - n_text, d // 2, dtype=torch.float64)
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    got = reference.joint_attention(qkv, heads, w, b, w * 2, b, 1e-6, cos, sin, n_text)
+    q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(2)   # (B, S, H, d) each
+    q, k = _row_norm(q, w, b, 1e-6), _row_norm(k, 2 * w, b, 1e-6)
+    rot = lambda x: torch.cat((x[:, :n_text], reference.rope(x[:, n_text:].transpose(1, 2), cos, sin).transpose(1, 2)), 1)  # noqa: E731
+    expected = naive_attention(rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(batch, seq, -1))
 
 
 def test_gelu_mlp_uses_tanh_gelu():
@@ -97,5 +133,5 @@ def test_causal_conv3d_pads_with_first_frame_and_cache():
 def test_resolve_per_backend():
     assert set(ops.resolve("reference", "cpu").names().values()) == {"reference"}
     auto = ops.resolve("auto", "cpu").names()
-    assert auto["attention"] == "sdpa" and auto["rope"] == "reference"
-    assert ops.resolve("sdpa", "cpu").names()["attention"] == "sdpa"
+    assert auto["attention"] == auto["joint_attention"] == "sdpa" and auto["modulate"] == "reference"
+    assert ops.resolve("sdpa", "cpu").names()["joint_attention"] == "sdpa"

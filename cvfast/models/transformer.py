@@ -29,8 +29,16 @@ class TimestepMLP(nn.Module):
         return self.fc2(F.silu(self.fc1(feats)))
 
 
+def _segments(modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's (B, 6D) modulation -> shift, scale, gate, each (B, 2, D) as [text, video]
+    (the Linear's output order is video shift, scale, gate, then text shift, scale, gate)."""
+    shift, scale, gate, t_shift, t_scale, t_gate = modulation.unsqueeze(1).chunk(6, dim=2)
+    return torch.cat((t_shift, shift), 1), torch.cat((t_scale, scale), 1), torch.cat((t_gate, gate), 1)
+
+
 class Block(nn.Module):
-    """One adaLN-zero block; text and video tokens get their own modulation, then attend jointly."""
+    """One adaLN-zero block over the joint [text; video] residual stream; text and video rows get
+    their own modulation and attend jointly."""
 
     def __init__(self, cfg: TransformerConfig, ops: OpSet):
         super().__init__()
@@ -48,38 +56,30 @@ class Block(nn.Module):
         self.ff1 = nn.Linear(dim, 4 * dim)
         self.ff2 = nn.Linear(4 * dim, dim)
 
-    def _modulated(self, norm: nn.LayerNorm, mod: nn.Linear, video, text, temb):
-        shift, scale, gate, t_shift, t_scale, t_gate = mod(F.silu(temb)).chunk(6, dim=1)
-        video_n = self.ops.adaln_modulate(video, norm.weight, norm.bias, shift, scale, self.eps)
-        text_n = self.ops.adaln_modulate(text, norm.weight, norm.bias, t_shift, t_scale, self.eps)
-        return video_n, text_n, gate[:, None], t_gate[:, None]
-
-    def forward(self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """video: (B, N, D); text: (B, L, D); temb: (B, T); rope: cos, sin (N, head_dim) or None."""
-        ops, n_text = self.ops, text.shape[1]
-        # 1. adaLN of both streams, then one joint sequence, text first.
-        video_n, text_n, gate, t_gate = self._modulated(self.norm1, self.mod1, video, text, temb)
-        joint = torch.cat((text_n, video_n), dim=1)
-        batch, seq, _ = joint.shape
-        # 2. q, k, v as (B, heads, S, head_dim); QK LayerNorm per head.
-        q, k, v = self.qkv(joint).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q = ops.layer_norm(q, self.q_norm.weight, self.q_norm.bias, self.q_norm.eps)
-        k = ops.layer_norm(k, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps)
-        # 3. RoPE on the video tokens only (split, rotate, concat: no in-place slice writes).
-        if rope is not None:
-            q = torch.cat((q[:, :, :n_text], ops.rope(q[:, :, n_text:], *rope)), dim=2)
-            k = torch.cat((k[:, :, :n_text], ops.rope(k[:, :, n_text:], *rope)), dim=2)
-        # 4. Joint attention, output projection, gated residuals.
-        attn = ops.attention(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
-        attn = self.attn_out(attn)
-        video = video + gate * attn[:, n_text:]
-        text = text + t_gate * attn[:, :n_text]
-        # 5. Feed-forward on the joint sequence with the second modulation.
-        video_n, text_n, gate, t_gate = self._modulated(self.norm2, self.mod2, video, text, temb)
-        ff = ops.gelu_mlp(torch.cat((text_n, video_n), dim=1), self.ff1.weight, self.ff1.bias,
-                          self.ff2.weight, self.ff2.bias)
-        return video + gate * ff[:, n_text:], text + t_gate * ff[:, :n_text]
+    def forward(self, h: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, n_text: int):
+        """h: (B, S, D) residual stream, the first n_text rows text; pending: (y, gate) the previous
+        block's feed-forward output (B, S, D) and gate (B, 2, D), not yet added to h (so the add
+        fuses with this block's first norm), or None; temb: (B, T); rope: cos, sin (S - n_text,
+        head_dim) or None. Returns (h, this block's pending feed-forward)."""
+        ops = self.ops
+        shift1, scale1, gate1 = _segments(self.mod1(F.silu(temb)))
+        shift2, scale2, gate2 = _segments(self.mod2(F.silu(temb)))
+        # 1. (The previous residual, then) adaLN of text and video rows.
+        if pending is None:
+            normed = ops.modulate(h, self.norm1.weight, self.norm1.bias, shift1, scale1, n_text, self.eps)
+        else:
+            h, normed = ops.gated_residual_modulate(h, *pending, self.norm1.weight, self.norm1.bias, shift1, scale1,
+                                                    n_text, self.eps)
+        # 2. QK LayerNorm, RoPE on the video rows, joint attention, straight from the fused projection.
+        rope_cos, rope_sin = rope if rope is not None else (None, None)
+        attn = ops.joint_attention(self.qkv(normed), self.heads, self.q_norm.weight, self.q_norm.bias,
+                                   self.k_norm.weight, self.k_norm.bias, self.q_norm.eps, rope_cos, rope_sin, n_text)
+        # 3. Gated residual fused with the second adaLN, then the feed-forward.
+        h, normed = ops.gated_residual_modulate(h, self.attn_out(attn), gate1, self.norm2.weight, self.norm2.bias,
+                                                shift2, scale2, n_text, self.eps)
+        ff = ops.gelu_mlp(normed, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias)
+        return h, (ff, gate2)
 
 
 class CogVideoXTransformer(nn.Module):
@@ -158,13 +158,16 @@ class CogVideoXTransformer(nn.Module):
             video_tok = video_tok + pos[:, cfg.max_text_seq_length:]
         elif "sincos" in tables:
             video_tok = video_tok + tables["sincos"]
-        # 3. The blocks.
+        # 3. The blocks, over one joint residual stream, text rows first.
+        n_text = text_tok.shape[1]
+        stream, pending = torch.cat((text_tok, video_tok), dim=1), None
         rope = tables.get("rope")
         for block in self.blocks:
-            video_tok, text_tok = block(video_tok, text_tok, temb, rope)
+            stream, pending = block(stream, pending, temb, rope, n_text)
+        video_tok = self.ops.gated_residual(stream, *pending, n_text)[:, n_text:]
         # 4. Final norm, output modulation (shift first, then scale), projection back to patches.
         video_tok = self.ops.layer_norm(video_tok, self.norm_final.weight, self.norm_final.bias, cfg.norm_eps)
-        shift, scale = self.out_mod(F.silu(temb)).chunk(2, dim=1)
-        video_tok = self.ops.adaln_modulate(video_tok, self.out_norm.weight, self.out_norm.bias, shift, scale,
-                                            cfg.norm_eps)
+        shift, scale = self.out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=2)
+        video_tok = self.ops.modulate(video_tok, self.out_norm.weight, self.out_norm.bias, shift, scale, 0,
+                                      cfg.norm_eps)
         return self._unpatchify(self.proj_out(video_tok), f, h, w)

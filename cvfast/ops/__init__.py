@@ -1,92 +1,153 @@
 """The functional layer the models call.
 
-Every op that a later kernel accelerates has a plain-PyTorch reference here (`reference.py`, the
-oracle) and zero or more backends. A backend declares the devices it runs on and answers *why not*
-for an input; `resolve()` picks one implementation per op once, when a pipeline is loaded, and the
-modules call through the `OpSet` they were given (no module globals are ever rewritten).
+Every op has a plain-PyTorch reference here (`reference.py`, the oracle) and zero or more backends:
+`sdpa` (PyTorch's scaled_dot_product_attention), `flash_attn` (FlashAttention 2/3 when installed)
+and `triton` (the kernels in `cvfast.kernels`, registered as `torch.library` custom ops). A backend
+declares where it runs and answers *why not* for an input (`dispatch.Impl`); `resolve()` builds
+the `OpSet` a pipeline's modules call, which chooses once per op and input signature. No module
+globals are ever rewritten.
+
+Op contracts (shapes in the reference's docstrings):
+  attention(q, k, v, scale=None)            (B, H, S, d) x3 -> (B, H, S, d)
+  joint_attention(qkv, heads, ...)          (B, S, 3*H*d) -> (B, S, H*d): QK norm + RoPE + attention
+  modulate(h, w, b, shift, scale, n_text, eps)              LayerNorm + adaLN per text/video segment
+  gated_residual(h, y, gate, n_text)                        h + gate * y
+  gated_residual_modulate(h, y, gate, w, b, shift, scale, n_text, eps) -> (h', modulate(h'))
+  gelu_mlp(x, w1, b1, w2, b2)                               Linear -> GELU(tanh) -> Linear
+  rope, layer_norm, group_norm, causal_conv3d               see reference.py
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import functools
+import logging
 
 import torch
 
 from ..errors import bad_arg
 from . import reference, sdpa
+from .dispatch import OP_NAMES, Impl, OpSet, reference_impl
 
-OP_NAMES = ("attention", "rope", "layer_norm", "adaln_modulate", "gelu_mlp", "group_norm",
-            "causal_conv3d")
+__all__ = ["Impl", "OpSet", "OP_NAMES", "BACKEND_CHOICES", "resolve", "alternatives", "attention",
+           "unavailable_backends"]
 
+log = logging.getLogger("cvfast")
 
-@dataclass(frozen=True)
-class Impl:
-    """One backend's implementation of one op."""
-    backend: str
-    fn: Callable
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    why_not: Callable[..., list[str]] | None = None  # input-dependent reasons it cannot run
+BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn")
 
-    def reasons(self, device: torch.device, *args) -> list[str]:
-        out = [] if device.type in self.devices else [f"runs on {self.devices}, not {device.type}"]
-        if self.why_not is not None and args:
-            out += self.why_not(*args)
-        return out
-
-
-def _reference_impls() -> dict[str, Impl]:
-    return {name: Impl("reference", getattr(reference, name)) for name in OP_NAMES}
-
-
-# Alternatives to the reference, per op, in order of preference for backend="auto".
-_BACKENDS: dict[str, list[Impl]] = {
-    "attention": [Impl("sdpa", sdpa.attention, why_not=sdpa.why_not)],
+# backend="auto": preference per device type, fastest first; the reference always ends the list.
+# On CUDA, attention prefers FlashAttention, then PyTorch SDPA (measured at 59% of the H200's matmul
+# ceiling at 5B size, benchmarks/results/h200-2026-11-26-gpu.md), then the Triton kernel, whose
+# speed has not been measured on a GPU yet; the memory-bound norms and residuals prefer Triton,
+# which fuses 3-6 PyTorch passes into one. Revise from the gpu benchmark suite.
+AUTO_ORDER = {
+    "cuda": ("flash_attn", "sdpa", "triton"),
+    "cpu": ("sdpa",),     # the CPU runs the reference with PyTorch SDPA; Triton only when asked
 }
 
-BACKEND_CHOICES = ("auto", "reference", "sdpa")
+
+def _sdpa_impls() -> dict[str, list[Impl]]:
+    joint = functools.partial(reference.joint_attention, attend=sdpa.attention)
+    return {"attention": [Impl("sdpa", sdpa.attention, why_not=sdpa.why_not)],
+            "joint_attention": [Impl("sdpa", joint, why_not=sdpa.joint_why_not)]}
+
+
+def _optional(module: str, backend: str, ops: tuple[str, ...]) -> dict[str, list[Impl]]:
+    """A backend's impls from `cvfast.ops.<module>`, or, when it fails to import, placeholders that
+    say why (so asking for it names the import error instead of ignoring it)."""
+    try:
+        mod = __import__(f"{__name__}.{module}", fromlist=["IMPLS"])
+        return {op: [impl] for op, impl in mod.IMPLS.items()}
+    except Exception as exc:  # ImportError, or a compile/driver error raised at import
+        reason = f"{backend} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return {op: [Impl(backend, _unavailable(reason), unavailable=reason)] for op in ops}
+
+
+def _unavailable(reason: str):
+    def fn(*args, **kwargs):
+        raise RuntimeError(reason)
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _registry() -> dict[str, tuple[Impl, ...]]:
+    """Every non-reference impl per op, imported once."""
+    found: dict[str, list[Impl]] = {op: [] for op in OP_NAMES}
+    for part in (_sdpa_impls(),
+                 _optional("flash", "flash_attn", ("attention", "joint_attention")),
+                 _optional("triton_ops", "triton", ("attention", "joint_attention", "layer_norm", "modulate",
+                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp"))):
+        for op, impls in part.items():
+            found[op] += impls
+    return {op: tuple(impls) for op, impls in found.items()}
 
 
 def alternatives(op: str) -> list[Impl]:
-    """The registered non-reference implementations of `op`, in order of preference."""
-    return list(_BACKENDS.get(op, []))
+    """The registered non-reference implementations of `op` (available or not)."""
+    return list(_registry().get(op, ()))
 
 
-@dataclass(frozen=True)
-class OpSet:
-    """The implementation chosen for each op; modules call `ops.attention(...)` etc."""
-    impls: dict[str, Impl] = field(default_factory=_reference_impls)
-
-    def __getattr__(self, name: str) -> Callable:
-        impls = object.__getattribute__(self, "impls")
-        if name in impls:
-            return impls[name].fn
-        raise AttributeError(name)
-
-    def names(self) -> dict[str, str]:
-        return {op: impl.backend for op, impl in self.impls.items()}
+def unavailable_backends() -> dict[str, str]:
+    """{backend: why} for the backends that failed to import here."""
+    return {impl.backend: impl.unavailable for impls in _registry().values() for impl in impls if impl.unavailable}
 
 
 def resolve(backend: str, device: torch.device | str) -> OpSet:
-    """Choose one implementation per op for `backend` on `device`.
+    """The OpSet for `backend` on `device`.
 
-    "reference": plain PyTorch everywhere (the oracle). "sdpa": PyTorch SDPA for attention, the
-    reference elsewhere. "auto": the first backend per op that runs on the device, else the
-    reference (on the CPU today that is SDPA attention plus the reference ops).
+    "reference": plain PyTorch everywhere (the oracle). "sdpa", "flash_attn", "triton": every op
+    that backend implements uses it (an input it cannot take is an error listing the reasons), the
+    others the reference. "auto": per op the backends of `AUTO_ORDER` that run on the device, then
+    the reference; an input the preferred one cannot take falls to the next with one warning line.
     """
     device = torch.device(device)
     if backend not in BACKEND_CHOICES:
         raise bad_arg("backend", backend, f"one of {BACKEND_CHOICES}")
-    chosen = _reference_impls()
     if backend == "reference":
-        return OpSet(chosen)
-    for op, alternatives in _BACKENDS.items():
-        for impl in alternatives:
-            if backend != "auto" and impl.backend != backend:
-                continue
-            reasons = impl.reasons(device)
+        return OpSet({op: reference_impl(op) for op in OP_NAMES})
+    if backend != "auto":
+        return _resolve_one(backend, device)
+    order = AUTO_ORDER.get(device.type, ())
+    chosen, skipped = {}, {}
+    for op in OP_NAMES:
+        ranked = sorted((i for i in alternatives(op) if i.backend in order), key=lambda i: order.index(i.backend))
+        candidates = []
+        for impl in ranked:
+            reasons = impl.device_reasons(device)
             if not reasons:
-                chosen[op] = impl
-                break
-            if backend != "auto":
-                raise bad_arg("backend", backend, f"{op} cannot use it on {device}: {'; '.join(reasons)}")
+                candidates.append(impl)
+            elif impl.unavailable and impl.backend != "flash_attn":  # flash_attn is an optional extra
+                skipped.setdefault(impl.unavailable, []).append(op)
+        chosen[op] = candidates + [reference_impl(op)]
+    for reason, skipped_ops in skipped.items():  # one line per backend that failed to load
+        log.warning("cvfast: %s; %s use the next backend", reason, ", ".join(skipped_ops))
     return OpSet(chosen)
+
+
+def _resolve_one(backend: str, device: torch.device) -> OpSet:
+    chosen, implemented = {}, False
+    for op in OP_NAMES:
+        impl = next((i for i in alternatives(op) if i.backend == backend), None)
+        if impl is None:
+            chosen[op] = reference_impl(op)
+            continue
+        implemented = True
+        reasons = impl.device_reasons(device)
+        if reasons:
+            raise bad_arg("backend", backend, f"{op} cannot use it on {device}: {'; '.join(reasons)}")
+        chosen[op] = impl
+    assert implemented, backend
+    return OpSet(chosen, required=backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_opset(backend: str, device: torch.device) -> OpSet:
+    return resolve(backend, device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """Non-causal softmax attention. q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k,
+    head_dim) -> (batch, heads, seq_q, head_dim) in q's dtype. scale: default 1/sqrt(head_dim).
+    backend: None/"auto" (the fastest that takes the input), or one of BACKEND_CHOICES."""
+    return _default_opset(backend or "auto", q.device).attention(q, k, v, scale=scale)
+

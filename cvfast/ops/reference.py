@@ -16,13 +16,13 @@ import torch.nn.functional as F
 _QUERY_BLOCK = 1024
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention with scale 1/sqrt(head_dim).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Non-causal softmax attention, scale 1/sqrt(head_dim) unless given.
 
-    q, k, v: (batch, heads, seq, head_dim) -> (batch, heads, seq, head_dim), dtype of q.
-    Scores and softmax in (at least) float32.
+    q: (batch, heads, seq_q, head_dim), k, v: (batch, heads, seq_k, head_dim) -> (batch, heads,
+    seq_q, head_dim), dtype of q. Scores and softmax in (at least) float32.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32; fp64 stays fp64
     kf_t, vf = k.to(acc).transpose(-1, -2), v.to(acc)
     blocks = []
@@ -30,6 +30,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         probs = torch.softmax(qb.to(acc) @ kf_t * scale, dim=-1)
         blocks.append((probs @ vf).to(q.dtype))
     return torch.cat(blocks, dim=2)
+
+
+def joint_attention(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
+                    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None, eps: float,
+                    cos: torch.Tensor | None, sin: torch.Tensor | None, n_text: int,
+                    attend=None) -> torch.Tensor:
+    """CogVideoX's attention over the joint [text; video] sequence, from the fused QKV projection:
+    per-head LayerNorm of q and k, RoPE on the video tokens (rows n_text onward) when `cos` is
+    given, softmax attention (`attend`, default `attention`), heads merged back.
+
+    qkv: (batch, seq, 3 * heads * head_dim), features ordered (q|k|v, head, head_dim);
+    cos, sin: (seq - n_text, head_dim) float32 or None -> (batch, seq, heads * head_dim).
+    """
+    batch, seq, _ = qkv.shape
+    q, k, v = qkv.view(batch, seq, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q = layer_norm(q, q_weight, q_bias, eps)
+    k = layer_norm(k, k_weight, k_bias, eps)
+    if cos is not None:  # split, rotate, concat: no in-place slice writes (ONNX export)
+        q = torch.cat((q[:, :, :n_text], rope(q[:, :, n_text:], cos, sin)), dim=2)
+        k = torch.cat((k[:, :, :n_text], rope(k[:, :, n_text:], cos, sin)), dim=2)
+    return (attend or attention)(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -49,14 +70,39 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def adaln_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN: LayerNorm(x) * (1 + scale) + shift.
+def _per_row(param: torch.Tensor, n_text: int, seq: int) -> torch.Tensor:
+    """(batch, G, dim) modulation -> (batch, seq, dim) rows: G=1 applies to every row; G=2 gives
+    the first n_text rows (text) entry 0 and the others (video) entry 1."""
+    if param.shape[1] == 1:
+        return param.expand(-1, seq, -1)
+    return torch.cat((param[:, :1].expand(-1, n_text, -1), param[:, 1:].expand(-1, seq - n_text, -1)), dim=1)
 
-    x: (batch, seq, dim); shift, scale: (batch, dim) -> (batch, seq, dim).
+
+def modulate(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             shift: torch.Tensor | None, scale: torch.Tensor | None, n_text: int, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm(h) * (1 + scale) + shift, with per-segment modulation (see `_per_row`);
+    without shift/scale a plain LayerNorm.
+
+    h: (batch, seq, dim); shift, scale: (batch, G, dim), G in {1, 2} -> (batch, seq, dim).
     """
-    normed = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return normed * (1 + scale)[:, None, :] + shift[:, None, :]
+    normed = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    if scale is None:
+        return normed
+    seq = h.shape[1]
+    return normed * _per_row(1 + scale, n_text, seq) + _per_row(shift, n_text, seq)
+
+
+def gated_residual(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, n_text: int) -> torch.Tensor:
+    """The adaLN-zero residual h + gate * y. h, y: (batch, seq, dim); gate: (batch, G, dim)."""
+    return h + _per_row(gate, n_text, h.shape[1]) * y
+
+
+def gated_residual_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor, n_text: int,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_residual` followed by the next `modulate`: returns (h + gate * y, its modulated norm)."""
+    h = gated_residual(h, y, gate, n_text)
+    return h, modulate(h, weight, bias, shift, scale, n_text, eps)
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

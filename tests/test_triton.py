@@ -1,0 +1,210 @@
+"""The Triton kernels against the reference ops, and the dispatcher around them.
+
+Without a GPU they run under TRITON_INTERPRET=1 (set in conftest.py). Fresh random inputs at odd
+sizes (sequence lengths that are not multiples of the block: 97, 226 + 150; widths that are not
+powers of two); every kernel output is allocated NaN-filled (`poisoned`) so an element a kernel
+fails to write fails the test. Tolerance, as FlashAttention's tests state it: in bf16/fp16 the
+kernel's max error against the fp32 reference is at most twice the error of PyTorch doing the
+same math in that dtype; in fp32 the kernel must agree to fp32 rounding.
+"""
+import logging
+import math
+
+import pytest
+import torch
+
+from cvfast import ops
+from cvfast.errors import CVFastInputError
+from cvfast.ops import reference
+
+triton_ops = pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
+from cvfast.kernels import attention as attention_kernel  # noqa: E402
+from cvfast.kernels import gelu as gelu_kernel  # noqa: E402
+from cvfast.kernels import norms as norms_kernel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 2e-5  # fp32 kernels vs the fp32 reference, relative to the reference's largest value
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output starts as NaN."""
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    for module in (attention_kernel, norms_kernel, gelu_kernel):
+        monkeypatch.setattr(module, "new_output", nan_output)
+
+
+def naive_attention(q, k, v, scale=None):
+    """Softmax attention in the inputs' dtype: PyTorch's own low-precision error."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def check(got, exact, pytorch_lowp=None):
+    """got: the kernel's output in dtype; exact: fp32 reference; pytorch_lowp: PyTorch in dtype."""
+    for g, e, p in zip(_tuple(got), _tuple(exact), _tuple(pytorch_lowp)):
+        assert g.shape == e.shape
+        assert torch.isfinite(g).all(), "NaN/Inf (or an unwritten element) in the kernel's output"
+        err = (g.float() - e.float()).abs().max().item()
+        if g.dtype == torch.float32:
+            assert err <= FP32_TOL * max(1.0, e.abs().max().item()), err
+        else:
+            own = (p.float() - e.float()).abs().max().item()
+            assert err <= 2 * own + 1e-6, (err, own)
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def fp32(*tensors):
+    return [t.float() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def rope_tables(rows, head_dim):
+    angles = torch.randn(rows, head_dim // 2, device=DEVICE) * 3
+    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,seq,head_dim", [(1, 2, 97, 64), (2, 2, 226 + 150, 128), (2, 1, 5, 64)])
+def test_attention(poisoned, dtype, batch, heads, seq, head_dim):
+    torch.manual_seed(seq + head_dim)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=DEVICE, dtype=dtype) for _ in range(3))
+    got = triton_ops.attention(q, k, v)
+    check(got, reference.attention(*fp32(q, k, v)), naive_attention(q, k, v))
+
+
+def test_attention_strided_inputs_and_scale(poisoned):
+    """q, k, v as views of a (B, S, H, d) layout, a query count unlike the key count, a given scale."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 45, 3, 64, device=DEVICE).transpose(1, 2)
+    k, v = (torch.randn(2, 70, 3, 64, device=DEVICE).transpose(1, 2) for _ in range(2))
+    check(triton_ops.attention(q, k, v, scale=0.3), reference.attention(q, k, v, scale=0.3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,head_dim,rope", [(1, 64, True), (2, 128, True), (2, 64, False)])
+def test_joint_attention_fuses_qk_norm_and_rope(poisoned, dtype, batch, head_dim, rope):
+    torch.manual_seed(batch * head_dim)
+    heads, n_text, n_video = 2, 226, 150
+    qkv = torch.randn(batch, n_text + n_video, 3 * heads * head_dim, device=DEVICE, dtype=dtype)
+    norm = [torch.randn(head_dim, device=DEVICE, dtype=dtype) * 0.5 + 1 if i % 2 == 0 else
+            torch.randn(head_dim, device=DEVICE, dtype=dtype) * 0.2 for i in range(4)]
+    cos, sin = rope_tables(n_video, head_dim) if rope else (None, None)
+    args = (heads, *norm, 1e-6, cos, sin, n_text)
+    got = triton_ops.joint_attention(qkv, *args)
+    exact = reference.joint_attention(*fp32(qkv, heads, *norm, 1e-6, cos, sin, n_text))
+    check(got, exact, reference.joint_attention(qkv, *args, attend=naive_attention))
+
+
+def modulation(batch, groups, dim, dtype):
+    return (torch.randn(batch, groups, dim, device=DEVICE, dtype=dtype) * 0.5 for _ in range(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq,dim,groups", [(1, 97, 200, 2), (2, 226 + 150, 96, 2), (2, 33, 72, 1)])
+def test_modulate_and_gated_residual(poisoned, dtype, batch, seq, dim, groups):
+    torch.manual_seed(seq + dim)
+    h, y = (torch.randn(batch, seq, dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    w, b = torch.randn(dim, device=DEVICE, dtype=dtype), torch.randn(dim, device=DEVICE, dtype=dtype)
+    shift, scale, gate = modulation(batch, groups, dim, dtype)
+    n_text = min(seq - 1, 226) if groups == 2 else 0
+    mod_args = (w, b, shift, scale, n_text, 1e-5)
+    check(triton_ops.modulate(h, *mod_args), reference.modulate(*fp32(h, *mod_args)), reference.modulate(h, *mod_args))
+    check(triton_ops.gated_residual(h, y, gate, n_text), reference.gated_residual(*fp32(h, y, gate, n_text)),
+          reference.gated_residual(h, y, gate, n_text))
+    both = (h, y, gate, *mod_args)
+    check(triton_ops.gated_residual_modulate(*both), reference.gated_residual_modulate(*fp32(*both)),
+          reference.gated_residual_modulate(*both))
+    check(triton_ops.layer_norm(h, w, b, 1e-5), reference.layer_norm(*fp32(h, w, b), 1e-5),
+          reference.layer_norm(h, w, b, 1e-5))
+
+
+def test_modulation_chunks_of_a_linear_output_need_no_copy(poisoned):
+    """The block passes shift/scale as strided chunks of one (B, 1, 6D) tensor."""
+    torch.manual_seed(8)
+    h = torch.randn(2, 21, 40, device=DEVICE)
+    shift, scale, _ = torch.randn(2, 1, 120, device=DEVICE).chunk(3, dim=2)
+    check(triton_ops.modulate(h, None, None, shift, scale, 0, 1e-6),
+          reference.modulate(h, None, None, shift, scale, 0, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_mlp(poisoned, dtype):
+    torch.manual_seed(9)
+    x = torch.randn(2, 97, 40, device=DEVICE, dtype=dtype)
+    w1, w2 = (torch.randn(*s, device=DEVICE, dtype=dtype) * 0.2 for s in ((150, 40), (40, 150)))
+    b1, b2 = (torch.randn(n, device=DEVICE, dtype=dtype) for n in (150, 40))
+    args = (x, w1, b1, w2, b2)
+    check(triton_ops.gelu_mlp(*args), reference.gelu_mlp(*fp32(*args)), reference.gelu_mlp(*args))
+
+
+def test_poisoning_catches_an_unwritten_element(poisoned, monkeypatch):
+    """The check above would fail a kernel that skipped its last rows."""
+    real = norms_kernel._residual_norm
+
+    class SkipLastProgram:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: real[(grid[0] - 1,)](*args, **kwargs)
+    monkeypatch.setattr(norms_kernel, "_residual_norm", SkipLastProgram())
+    h = torch.randn(1, 40, 24, device=DEVICE)
+    with pytest.raises(AssertionError, match="unwritten"):
+        check(triton_ops.layer_norm(h, None, None, 1e-5), reference.layer_norm(h, None, None, 1e-5))
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+def test_required_backend_lists_why_it_cannot_take_an_input():
+    opset = ops.resolve("triton", DEVICE)
+    q = torch.randn(1, 2, 10, 80, device=DEVICE)
+    with pytest.raises(CVFastInputError, match=r"backend='triton': attention cannot take .*head_dim 80"):
+        opset.attention(q, q, q)
+    with pytest.raises(CVFastInputError, match="head_dim 80"):
+        ops.attention(q, q, q, backend="triton")
+
+
+def test_auto_falls_back_per_shape_with_one_warning(caplog):
+    impl = ops.alternatives("attention")
+    triton_impl = next(i for i in impl if i.backend == "triton")
+    opset = ops.OpSet({"attention": [triton_impl, ops.dispatch.reference_impl("attention")]})
+    q80, q64 = torch.randn(1, 2, 10, 80, device=DEVICE), torch.randn(1, 2, 10, 64, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        for _ in range(2):
+            torch.testing.assert_close(opset.attention(q80, q80, q80), reference.attention(q80, q80, q80))
+        opset.attention(q64, q64, q64)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "instead of triton" in warnings[0] and "head_dim 80" in warnings[0]
+    assert opset.names()["attention"] == "reference+triton"
+
+
+def test_a_backend_that_fails_to_import_says_why(monkeypatch, caplog):
+    broken = ops._optional("no_such_backend_module", "triton", ("attention", "modulate"))
+    reasons = broken["attention"][0].device_reasons(torch.device(DEVICE))
+    assert len(reasons) == 1 and "triton is unavailable (ModuleNotFoundError" in reasons[0]
+    monkeypatch.setattr(ops, "_registry", lambda: {op: tuple(broken.get(op, [])) for op in ops.OP_NAMES})
+    monkeypatch.setitem(ops.AUTO_ORDER, torch.device(DEVICE).type, ("triton",))
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        names = ops.resolve("auto", DEVICE).names()
+    assert names["attention"] == names["modulate"] == "reference"
+    assert len(caplog.records) == 1 and "ModuleNotFoundError" in caplog.records[0].getMessage()
+    with pytest.raises(CVFastInputError, match="ModuleNotFoundError"):
+        ops.resolve("triton", DEVICE)
+
+
+def test_custom_ops_have_fake_implementations():
+    """torch.compile / export / graph capture see one op with the right output shape."""
+    with torch.device("meta"):
+        qkv = torch.empty(2, 30, 3 * 2 * 64)
+        w = torch.empty(64)
+        out = torch.ops.cvfast.joint_attention(qkv, 2, w, w, w, w, 1e-6, None, None, 10)
+        h = torch.empty(2, 30, 96)
+        g = torch.empty(2, 2, 96)
+        new_h, normed = torch.ops.cvfast.residual_norm(h, h, g, None, None, g, g, 10, 1e-5, True)
+    assert out.shape == (2, 30, 128) and new_h.shape == normed.shape == h.shape
+    torch.library.opcheck(torch.ops.cvfast.attention.default,
+                          tuple(torch.randn(1, 1, 9, 16, device=DEVICE) for _ in range(3)) + (0.25,))
