@@ -1,9 +1,10 @@
 """`ops` suite: each accelerated op, each backend that can run it here, at CogVideoX sizes on a GPU
 (small sizes on a CPU), as a fraction of the measured ceilings and as a ratio to the reference.
 
-Work is counted by hand per case: attention 4*B*H*S^2*D FLOPs; the MLP 16*B*S*D^2 FLOPs; a causal
-3x3x3 conv 2*27*Cin*Cout*T*H*W FLOPs; the memory-bound ops by the bytes a fused kernel must move
-(each input read once, each output written once).
+Work per case comes from `cvfast.ops.cost.op_cost`: matrix FLOPs for the compute-bound ops, and for
+every op the bytes a fused kernel must move (each input read once, each output written once).
+`joint_attention` is also measured unfused ("triton-unfused": QK LayerNorm and RoPE in PyTorch,
+then the Triton attention kernel) to show what the fused prologue saves.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from cvfast import ops
 from cvfast.models.config import PRESETS
+from cvfast.ops.cost import op_cost
 
 from .harness import Row, measured_row, of_ceiling
 
@@ -30,43 +32,47 @@ def _sizes(model: str, device: torch.device, frames: int, height: int, width: in
 
 
 def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> list[tuple[str, object]]:
-    """(name, fn) of the reference and every registered alternative that runs on `device`."""
+    """(name, fn) of the reference and every registered alternative that runs on `device`. Triton on
+    a CPU (the interpreter) is left out unless asked for: its timings say nothing."""
     found = [("reference", getattr(ops.reference, op))]
     for impl in ops.alternatives(op):
-        if not impl.reasons(device):
+        interpreted = impl.backend == "triton" and device.type == "cpu"
+        if not impl.device_reasons(device) and not (interpreted and (wanted is None or "triton" not in wanted)):
             found.append((impl.backend, impl.fn))
-    return [(n, f) for n, f in found if wanted is None or n in wanted or n == "reference"]
+            if op == "joint_attention" and impl.backend == "triton":
+                from cvfast.ops.triton_ops import joint_attention_unfused
+                found.append(("triton-unfused", joint_attention_unfused))
+    return [(n, f) for n, f in found if wanted is None or n.split("-")[0] in wanted or n == "reference"]
 
 
 def _cases(sz: dict, device: torch.device, dtype: torch.dtype):
-    """(op, case name, args builder, flops, bytes)."""
-    el = torch.finfo(dtype).bits // 8
-    seq, dim = sz["seq"], sz["dim"]
+    """(op, case name, args builder)."""
+    seq, dim, n_text = sz["seq"], sz["dim"], TEXT_TOKENS
     rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     for heads in sz["heads"]:
         shape = (1, heads, seq, 64)
-        yield ("attention", f"attention h{heads} s{seq} d64", lambda s=shape: (rnd(*s), rnd(*s), rnd(*s)),
-               4 * heads * seq * seq * 64, 4 * heads * seq * 64 * el)
+        yield "attention", f"attention h{heads} s{seq} d64", lambda s=shape: (rnd(*s), rnd(*s), rnd(*s))
     heads = dim // 64
-    yield ("rope", f"rope h{heads} s{seq} d64",
-           lambda: (rnd(1, heads, seq, 64), torch.randn(seq, 64, device=device), torch.randn(seq, 64, device=device)),
-           None, 2 * heads * seq * 64 * el + 2 * seq * 64 * 4)
-    yield ("layer_norm", f"qk layer_norm h{heads} s{seq} d64",
-           lambda: (rnd(1, heads, seq, 64), rnd(64), rnd(64), 1e-6), None, 2 * heads * seq * 64 * el)
-    yield ("adaln_modulate", f"adaln_modulate s{seq} d{dim}",
-           lambda: (rnd(1, seq, dim), rnd(dim), rnd(dim), rnd(1, dim), rnd(1, dim), 1e-5), None, 2 * seq * dim * el)
+    video = seq - n_text
+
+    def joint_args():
+        angles = torch.randn(video, 32, device=device)
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        return (rnd(1, seq, 3 * dim), heads, rnd(64), rnd(64), rnd(64), rnd(64), 1e-6, cos, sin, n_text)
+    yield "joint_attention", f"joint_attention (qk norm + rope) h{heads} s{seq} d64", joint_args
+    mod = lambda: rnd(1, 2, dim)  # noqa: E731
+    yield ("modulate", f"modulate s{seq} d{dim}",
+           lambda: (rnd(1, seq, dim), rnd(dim), rnd(dim), mod(), mod(), n_text, 1e-5))
+    yield ("gated_residual_modulate", f"gated_residual_modulate s{seq} d{dim}",
+           lambda: (rnd(1, seq, dim), rnd(1, seq, dim), mod(), rnd(dim), rnd(dim), mod(), mod(), n_text, 1e-5))
     yield ("gelu_mlp", f"gelu_mlp s{seq} d{dim}",
-           lambda: (rnd(1, seq, dim), rnd(4 * dim, dim) * 0.02, rnd(4 * dim), rnd(dim, 4 * dim) * 0.02, rnd(dim)),
-           16 * seq * dim * dim, (2 * seq * dim + 8 * dim * dim) * el)
+           lambda: (rnd(1, seq, dim), rnd(4 * dim, dim) * 0.02, rnd(4 * dim), rnd(dim, 4 * dim) * 0.02, rnd(dim)))
     shape = sz["vae_shape"]
-    numel = torch.Size(shape).numel()
     yield ("group_norm", f"spatial group_norm+silu {'x'.join(map(str, shape))}",
-           lambda: (rnd(*shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(*shape), rnd(*shape), True),
-           None, 4 * numel * el)
+           lambda: (rnd(*shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(*shape), rnd(*shape), True))
     c = sz["vae_c"]
     yield ("causal_conv3d", f"causal_conv3d 3x3x3 {'x'.join(map(str, shape))}",
-           lambda: (rnd(*shape), rnd(c, c, 3, 3, 3) * 0.02, rnd(c), rnd(shape[0], c, 2, *shape[3:])),
-           2 * 27 * c * c * numel // c, 2 * numel * el)
+           lambda: (rnd(*shape), rnd(c, c, 3, 3, 3) * 0.02, rnd(c), rnd(shape[0], c, 2, *shape[3:])))
 
 
 def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *, frames: int, height: int,
@@ -74,8 +80,10 @@ def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *,
     rows = []
     sz = _sizes(model, device, frames, height, width)
     gpu = device.type == "cuda"
-    for op, case, make_args, flops, nbytes in _cases(sz, device, dtype):
+    for op, case, make_args in _cases(sz, device, dtype):
         args = make_args()
+        cost = op_cost(op, args, {}, getattr(ops.reference, op)(*args))
+        flops, nbytes = cost.flops or None, cost.bytes
         ref_row = None
         for backend, fn in _backends_for(op, device, backends):
             row = measured_row("ops", case, backend, lambda fn=fn, a=args: fn(*a), device, flops=flops, bytes_moved=nbytes,

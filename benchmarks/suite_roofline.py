@@ -14,7 +14,7 @@ counts:
 
 Every aten call is attributed to a *unit*, and each unit to a label (a row's `case`):
 
-- a call of a cvfast op (`attention`, `rope`, `layer_norm`, `adaln_modulate`, `gelu_mlp`, ...): the
+- a call of a cvfast op (`joint_attention`, `modulate`, `gated_residual_modulate`, `gelu_mlp`, ...): the
   model is given an `OpSet` whose every entry calls the **reference** implementation with the
   label set. `bytes_reference` is what the reference's aten calls move (its attention materialises
   fp32 scores in blocks of 1,024 queries, hence its huge traffic); `bytes_fused` is the least a
@@ -51,11 +51,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cvfast.models.config import PRESETS, TransformerConfig
 from cvfast.models.transformer import CogVideoXTransformer
 from cvfast.ops import OP_NAMES, Impl, OpSet, reference
+from cvfast.ops.cost import io_bytes, op_cost
 
 from .harness import Row
 
@@ -93,34 +94,6 @@ def load_devices() -> dict:
     """The entries of `devices.json` (without its `_comment`)."""
     data = json.loads(DEVICES_FILE.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
-
-
-def _tensors(*trees) -> list[torch.Tensor]:
-    """The distinct tensors in nested args/kwargs (or in outputs): a tensor passed twice counts once."""
-    seen, out = set(), []
-    for tree in trees:
-        for x in tree_flatten(tree)[0]:
-            if isinstance(x, torch.Tensor) and id(x) not in seen:
-                seen.add(id(x))
-                out.append(x)
-    return out
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    """Bytes a kernel touches for `t`: its elements, but no more than its storage holds (a broadcast
-    `expand` reads its storage once)."""
-    n = t.numel()
-    try:
-        n = min(n, t.untyped_storage().nbytes() // t.element_size())
-    except (RuntimeError, NotImplementedError):
-        pass
-    return n * t.element_size()
-
-
-def _io_bytes(args, kwargs, out) -> int:
-    """Bytes read (distinct tensor inputs) plus bytes written (distinct outputs); an in-place
-    output counts as a write besides its read."""
-    return sum(_nbytes(t) for t in _tensors(args, kwargs)) + sum(_nbytes(t) for t in _tensors(out))
 
 
 def _flop(func, args, out) -> int:
@@ -188,7 +161,7 @@ class _Counter(TorchDispatchMode):
         if func.overloadpacket in _METADATA or func.is_view:
             return out
         flop = _flop(func, args, out)
-        nbytes = _io_bytes(args, kwargs, out)
+        nbytes = io_bytes(args, kwargs, out)
         if self.open is not None:
             self.open.flop += flop
             self.open.bytes_reference += nbytes
@@ -206,7 +179,7 @@ def _counting_ops(counter: _Counter) -> OpSet:
         def counted(*args, **kwargs):
             unit = counter.begin(name)
             out = fn(*args, **kwargs)
-            counter.end(unit, _io_bytes(args, kwargs, out))
+            counter.end(unit, op_cost(name, args, kwargs, out).bytes)
             return out
         counted.__name__ = name
         return Impl("roofline", counted, devices=("meta", "cpu", "cuda"))
@@ -266,12 +239,13 @@ class _Trace:
             if hit is None:
                 start = len(self.counter.units)
                 out = forward(*args)
-                self.block_cache[key] = (self.counter.units[start:], [_spec(o) for o in out])
+                leaves, structure = tree_flatten(out)
+                self.block_cache[key] = (self.counter.units[start:], [_spec(o) for o in leaves], structure)
                 return out
-            units, specs = hit
+            units, specs, structure = hit
             self.counter.units.extend(dataclasses.replace(u) for u in units)
-            return tuple(torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-                         for shape, stride, dtype in specs)
+            return tree_unflatten([torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                                   for shape, stride, dtype in specs], structure)
         return run
 
     def _hook(self, mod: nn.Module, part: str) -> None:

@@ -135,3 +135,24 @@ def test_resolve_per_backend():
     auto = ops.resolve("auto", "cpu").names()
     assert auto["attention"] == auto["joint_attention"] == "sdpa" and auto["modulate"] == "reference"
     assert ops.resolve("sdpa", "cpu").names()["joint_attention"] == "sdpa"
+
+
+@pytest.mark.parametrize("op,make_args", [
+    ("attention", lambda: [torch.randn(2, 3, 37, 16) for _ in range(3)]),
+    ("joint_attention", lambda: [torch.randn(2, 19, 3 * 2 * 8), 2, None, None, None, None, 1e-6, None, None, 5]),
+    ("gelu_mlp", lambda: [torch.randn(2, 7, 12), torch.randn(48, 12), torch.randn(48), torch.randn(12, 48), None]),
+    ("causal_conv3d", lambda: [torch.randn(1, 4, 3, 6, 5), torch.randn(5, 4, 3, 3, 3), None, None]),
+])
+def test_op_cost_counts_what_pytorch_counts(op, make_args):
+    """FLOPs from the cost model equal torch's own FLOP counter on the reference; bytes are each
+    input read once plus the output written once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cvfast.ops.cost import op_cost
+    args = make_args()
+    with FlopCounterMode(display=False) as counter:
+        out = getattr(reference, op)(*args)
+    cost = op_cost(op, tuple(args), {}, out)
+    assert cost.flops == counter.get_total_flops() > 0
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    assert cost.bytes == 4 * (sum(t.numel() for t in tensors) + out.numel())

@@ -42,7 +42,7 @@ def test_5b_forward_flop_matches_hand_count(five_b):
     assert hand / 1e12 <= summary["forward_tflop"] <= 1.01 * hand / 1e12
     assert summary["step_tflop"] == pytest.approx(2 * summary["forward_tflop"], rel=1e-12)
     # Attention at the step batch (2 with CFG): QK^T plus PV, exactly.
-    assert by_case(rows)["attention"].extra["flop"] == 2 * 42 * 4 * seq ** 2 * 3072
+    assert by_case(rows)["joint_attention"].extra["flop"] == 2 * 42 * 4 * seq ** 2 * 3072
 
 
 def test_2b_forward_flop_matches_hand_count(two_b):
@@ -51,8 +51,9 @@ def test_2b_forward_flop_matches_hand_count(two_b):
     hand = hand_forward_flop(30, 1920, seq)
     assert hand / 1e12 == pytest.approx(120.0, abs=0.05)
     assert hand / 1e12 <= summary["forward_tflop"] <= 1.01 * hand / 1e12
-    assert by_case(rows)["attention"].extra["flop"] == 2 * 30 * 4 * seq ** 2 * 1920
-    assert "rope" not in by_case(rows)  # 2B has sincos positions
+    assert by_case(rows)["joint_attention"].extra["flop"] == 2 * 30 * 4 * seq ** 2 * 1920
+    # 2B has sincos positions: its attention reads no rope tables (q, k, v, o and the QK norms only).
+    assert by_case(rows)["joint_attention"].extra["bytes_fused"] == 30 * (4 * 2 * 30 * seq * 64 * 2 + 4 * 64 * 2)
 
 
 def test_h100_floor_is_compute_bound_at_5b_size(five_b):
@@ -75,9 +76,11 @@ def test_fused_bytes_and_attention_traffic(five_b):
     assert summary["bytes_per_forward_fused"] < summary["bytes_per_forward_reference"]
     for r in rows:
         assert r.extra["bytes_fused"] <= r.extra["bytes_reference"], r.case
-    attn = by_case(rows)["attention"].extra
+    attn = by_case(rows)["joint_attention"].extra
     batch, heads, seq, head_dim, bf16 = 2, 48, 17_776, 64, 2
-    assert attn["bytes_fused"] == 42 * 4 * batch * heads * seq * head_dim * bf16  # q, k, v, o
+    qkv_and_out = 4 * batch * heads * seq * head_dim * bf16
+    qk_norms, rope_tables = 4 * head_dim * bf16, 2 * (seq - TEXT) * head_dim * 4  # fp32 cos, sin
+    assert attn["bytes_fused"] == 42 * (qkv_and_out + qk_norms + rope_tables)
     assert attn["bytes_reference"] > 100 * attn["bytes_fused"]  # fp32 score blocks
     assert attn["count"] == 42
 
@@ -99,7 +102,7 @@ def test_tiny_and_no_cfg():
     assert summary["step_batch"] == 1 and summary["step_tflop"] == summary["forward_tflop"] > 0
     assert summary["floor_s_4_steps"] == pytest.approx(4 * summary["floor_s_per_step"])
     assert summary["floor_s_50_steps"] == pytest.approx(50 * summary["floor_s_per_step"])
-    assert {"attention", "rope", "layer_norm", "adaln_modulate", "gelu_mlp", "linear"} <= set(by_case(rows))
+    assert {"joint_attention", "modulate", "gated_residual_modulate", "layer_norm", "gelu_mlp", "linear"} <= set(by_case(rows))
 
 
 def test_temporal_patching_pads_latent_frames():
