@@ -88,3 +88,50 @@ def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
     resident = cvfast.load("tiny").generate("a cat", num_inference_steps=2, seed=0, progress=False)
     # The text encoder and transformer weights are not on the GPU during the decode.
     assert result.peak_memory_gib["decoding"] < resident.peak_memory_gib["decoding"]
+
+
+# -- Triton kernels at CogVideoX sizes (bf16), with the checks of tests/test_triton.py ---------------
+
+def _triton():
+    return pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
+
+
+@pytest.mark.parametrize("heads,head_dim,rope", [(48, 64, True), (30, 64, False), (24, 128, True)])
+def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
+    from tests.test_triton import check, naive_attention
+    triton_ops = _triton()
+    torch.manual_seed(heads)
+    n_text, seq = 226, 17_776  # 49 frames at 480x720: 13 x 30 x 45 video tokens
+    qkv = torch.randn(1, seq, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    norm = [torch.randn(head_dim, device="cuda", dtype=torch.bfloat16) * 0.2 + (1 if i % 2 == 0 else 0)
+            for i in range(4)]
+    angles = torch.randn(seq - n_text, head_dim // 2, device="cuda")
+    cos, sin = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)) if rope else (None, None)
+    args = (heads, *norm, 1e-6, cos, sin, n_text)
+    exact = reference.joint_attention(qkv.float(), heads, *[n.float() for n in norm], 1e-6, cos, sin, n_text)
+    check(triton_ops.joint_attention(qkv, *args), exact,
+          reference.joint_attention(qkv, *args, attend=naive_attention))
+
+
+@pytest.mark.parametrize("dim", [1920, 3072])
+def test_triton_norm_rows_at_5b_size(dim):
+    from tests.test_triton import check
+    triton_ops = _triton()
+    torch.manual_seed(dim)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h, y = torch.randn(2, 17_776, dim, **bf16), torch.randn(2, 17_776, dim, **bf16)
+    w, b = torch.randn(dim, **bf16), torch.randn(dim, **bf16)
+    gate, shift, scale = (torch.randn(2, 2, dim, **bf16) * 0.5 for _ in range(3))
+    args = (h, y, gate, w, b, shift, scale, 226, 1e-5)
+    exact = reference.gated_residual_modulate(*[a.float() if isinstance(a, torch.Tensor) else a for a in args])
+    check(triton_ops.gated_residual_modulate(*args), exact, reference.gated_residual_modulate(*args))
+
+
+def test_triton_backend_generates_like_the_reference_in_bf16():
+    _triton()
+    kw = dict(num_inference_steps=4, seed=0, progress=False, output_type="pt")
+    exact = cvfast.load("tiny", device="cpu").generate("a red boat", **kw).frames
+    lowp = {b: cvfast.load("tiny", dtype=torch.bfloat16, backend=b).generate("a red boat", **kw).frames
+            for b in ("reference", "triton")}
+    assert torch.isfinite(lowp["triton"]).all()
+    assert rel(lowp["triton"], exact) <= 2 * rel(lowp["reference"], exact) + 1e-3
