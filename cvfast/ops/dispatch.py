@@ -88,6 +88,13 @@ class _Dispatcher:
         self.chosen: dict[tuple, Impl] = {}
 
     def __call__(self, *args, **kwargs):
+        if len(self.candidates) == 1 and self.candidates[0].backend == "reference":  # nothing to check
+            return self.candidates[0].fn(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Under torch.compile / torch.export a signature lookup would compare symbolic sizes and
+            # specialise them (a dynamic batch would become a constant); the reasons look only at
+            # static properties (head_dim, dtype, device).
+            return self._choose(args, kwargs).fn(*args, **kwargs)
         key = _signature((args, kwargs))
         impl = self.chosen.get(key)
         if impl is None:
