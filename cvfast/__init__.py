@@ -7,11 +7,12 @@ from .errors import CVFastInputError, NonFiniteLatentsError
 from .export import export_onnx
 from .loading import load
 from .pipeline import GenerationResult, Pipeline
+from .sat_io import convert_sat
 from .video import save_video
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "save_video", "export_onnx", "Pipeline", "GenerationResult", "CVFastInputError",
-           "NonFiniteLatentsError", "__version__"]
+__all__ = ["load", "generate", "save_video", "export_onnx", "convert_sat", "Pipeline", "GenerationResult",
+           "CVFastInputError", "NonFiniteLatentsError", "__version__"]
 
 
 def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,

@@ -204,6 +204,15 @@ def test_sat_variants_load_and_convert_exactly(tmp_path, variant):
     assert vae.config.scaling_factor == vae_config(variant)["scaling_factor"]
 
 
+def test_cli_generates_from_a_sat_dir(tmp_path, capsys):
+    folder = tiny_folder("2b")
+    sat = write_sat(tmp_path, "2b")
+    args = ["generate", "--model", str(sat), "--prompt", PROMPT, "--steps", "1", "--frames", "9", "--height", "48",
+            "--width", "80", "--no-progress", "--out", str(tmp_path / "sat.mp4")]
+    assert cli_main(args) == 2 and "--base" in capsys.readouterr().err
+    assert cli_main(args + ["--base", str(folder)]) == 0 and (tmp_path / "sat.mp4").stat().st_size > 0
+
+
 def test_unknown_and_missing_sat_tensors_are_listed(tmp_path):
     folder = tiny_folder("2b")
     sat = write_sat(tmp_path, "2b", extra={P + "mixins.adapter.proj.weight": torch.zeros(2)})
