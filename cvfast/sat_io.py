@@ -191,9 +191,11 @@ class SatCheckpoint:
         lora = sat.lora_layers(state, lora_alpha(self.config), str(self.checkpoint)) if sat.has_lora(state) else None
         return tensors, lora
 
-    def read_vae(self, cfg: VAEConfig, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    def read_vae(self, cfg: VAEConfig, trust_pickle: bool) -> dict[str, tuple[torch.Tensor, str]]:
+        """{diffusers (= cvfast) VAE name: (tensor, 'file:name')}."""
         state = state_dict_of(load_pickle(self.vae, trust_pickle), self.vae)
-        return sat.vae_to_diffusers(state, len(cfg.block_out_channels), str(self.vae))
+        tensors = sat.vae_to_diffusers(state, len(cfg.block_out_channels), str(self.vae))
+        return {k: (t, f"{self.vae}:{k}") for k, t in tensors.items()}
 
 
 def resolve_base(base) -> Path:
@@ -238,7 +240,7 @@ def load_sat(folder: Path, base, trust_pickle: bool, device: torch.device, dtype
     v_cfg, s_cfg = VAEConfig.from_dict(vae_dict), SchedulerConfig.from_dict(scheduler_dict)
     transformer, lora = ckpt.read_transformer(t_cfg, trust_pickle)
     pipe = assemble(t_cfg, v_cfg, s_cfg, lambda: transformer_state_dict(_with_source(transformer, ckpt.checkpoint)),
-                    lambda: {k: (t, f"{ckpt.vae}:{k}") for k, t in ckpt.read_vae(v_cfg, trust_pickle).items()},
+                    lambda: ckpt.read_vae(v_cfg, trust_pickle),
                     base_dir, device, dtype, ops, offload, str(folder))
     if lora is not None:
         pipe.merge_lora(lora, 1.0, str(ckpt.checkpoint))
@@ -277,7 +279,7 @@ def convert_sat(sat_dir, out_dir, *, base=None, trust_pickle: bool = False) -> P
     ours = transformer_state_dict(_with_source(transformer, ckpt.checkpoint))
     _checked(CogVideoXTransformer, t_cfg, ours, "transformer")
     vae = ckpt.read_vae(v_cfg, trust_pickle)
-    _checked(CogVideoXVAE, v_cfg, {k: (t, f"{ckpt.vae}:{k}") for k, t in vae.items()}, "vae")
+    _checked(CogVideoXVAE, v_cfg, vae, "vae")
     weights = {k: t for k, (t, _) in ours.items()}
     if lora is not None:
         for name, parts in lora_deltas(lora, weights, 1.0, str(ckpt.checkpoint)).items():
@@ -290,7 +292,7 @@ def convert_sat(sat_dir, out_dir, *, base=None, trust_pickle: bool = False) -> P
     try:
         _write_component(tmp / "transformer", dict(asdict(t_cfg), _class_name="CogVideoXTransformer3DModel"),
                          transformer)
-        _write_component(tmp / "vae", vae_dict, vae)
+        _write_component(tmp / "vae", vae_dict, {k: t for k, (t, _) in vae.items()})
         for part in ("text_encoder", "tokenizer", "scheduler"):
             shutil.copytree(base_dir / part, tmp / part)
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_dict, indent=2) + "\n")
