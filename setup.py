@@ -27,6 +27,7 @@ setup(
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
         "pillow>=10",
+        "pyyaml>=6",  # the yaml configs of SAT checkpoints
     ],
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.

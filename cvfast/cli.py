@@ -36,12 +36,37 @@ def _parser() -> argparse.ArgumentParser:
                      help="'model': keep components on the CPU, each on the GPU only while it runs")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
-                     help="a diffusers/PEFT-format LoRA .safetensors merged into the weights (repeatable)")
+                     help="a LoRA merged into the weights (repeatable): diffusers/PEFT .safetensors, or SAT "
+                          "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
     gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--no-progress", action="store_true")
+    _add_sat_arguments(gen)
+    convert = sub.add_parser("convert-sat", help="write a SAT checkpoint directory as a diffusers-layout folder")
+    convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
+    convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
+    _add_sat_arguments(convert)
     from .export.cli import add_parser as add_export_parser
     add_export_parser(sub)
     return parser
+
+
+def _add_sat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default=None, help="SAT checkpoints: the diffusers folder or hub id (e.g. "
+                        "THUDM/CogVideoX-5b) that supplies the T5 text encoder, tokenizer, scheduler and VAE config")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle SAT checkpoints without the allowlist: this RUNS CODE from the files; "
+                             "only for files you trust")
+
+
+def _convert_sat(args) -> int:
+    from .sat_io import convert_sat
+    try:
+        out = convert_sat(args.sat_dir, args.out_dir, base=args.base, trust_pickle=args.trust_pickle)
+    except CVFastInputError as exc:
+        print(f"cvfast: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 def _read_inputs(args) -> dict:
@@ -78,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from .export.cli import run as run_export
         return run_export(args)
+    if args.command == "convert-sat":
+        return _convert_sat(args)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
     logging.getLogger("cvfast").addHandler(handler)
@@ -85,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
                           backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
+                          base=args.base, trust_pickle=args.trust_pickle,
                           loras=[(path, args.lora_scale) for path in args.lora],
                           vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
                           **_read_inputs(args), negative_prompt=args.negative_prompt,

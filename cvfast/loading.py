@@ -84,27 +84,36 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpS
     _check_fp16(dtype, t_cfg, allow_fp16)
     v_cfg = VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"))
     s_cfg = SchedulerConfig.from_dict(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    return assemble(t_cfg, v_cfg, s_cfg, lambda: transformer_state_dict(read_tensors(folder / "transformer")),
+                    lambda: {k: (t, f"{path}:{k}") for k, (t, path) in read_tensors(folder / "vae").items()},
+                    folder, device, dtype, ops, offload, name or str(folder))
+
+
+def assemble(t_cfg: TransformerConfig, v_cfg: VAEConfig, s_cfg: SchedulerConfig, transformer_tensors, vae_tensors,
+             text_folder: Path, device: torch.device, dtype: torch.dtype, ops: OpSet, offload: str,
+             name: str) -> Pipeline:
+    """A Pipeline from configs, the two components' tensors under cvfast's names (callables that
+    read them, {key: (tensor, provenance)}) and a folder with text_encoder/ and tokenizer/."""
     if t_cfg.out_channels != v_cfg.latent_channels:
-        raise CVFastInputError(f"{folder}: transformer out_channels {t_cfg.out_channels} != VAE latent_channels "
+        raise CVFastInputError(f"{name}: transformer out_channels {t_cfg.out_channels} != VAE latent_channels "
                                f"{v_cfg.latent_channels}")
     with torch.device("meta"):
         transformer = CogVideoXTransformer(t_cfg, ops)
         vae = CogVideoXVAE(v_cfg, ops)
     # With offload="model" every component starts on the CPU and visits the device when it runs.
     home = torch.device("cpu") if offload == "model" else device
-    load_into(transformer, transformer_state_dict(read_tensors(folder / "transformer")), "transformer", dtype, home)
-    vae_tensors = {k: (t, f"{path}:{k}") for k, (t, path) in read_tensors(folder / "vae").items()}
-    load_into(vae, vae_tensors, "vae", dtype, home)
-    text_encoder = _load_text_encoder(folder, home, dtype)
-    return Pipeline(name=name or str(folder), transformer=transformer.eval(), vae=vae.eval(),
+    load_into(transformer, transformer_tensors(), "transformer", dtype, home)
+    load_into(vae, vae_tensors(), "vae", dtype, home)
+    text_encoder = _load_text_encoder(text_folder, home, dtype)
+    return Pipeline(name=name, transformer=transformer.eval(), vae=vae.eval(),
                     text_encoder=text_encoder, scheduler=s_cfg, ops=ops, device=device, dtype=dtype,
                     defaults=family_defaults(t_cfg, v_cfg.spatial_factor), offload=offload)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
         raise CVFastInputError(
             f"model={repo_id!r} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {exc}). "
@@ -113,7 +122,7 @@ def _download(repo_id: str) -> Path:
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
-         offload: str = "none") -> Pipeline:
+         offload: str = "none", base=None, trust_pickle: bool = False) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -121,6 +130,9 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference"
     or "sdpa" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep the components on
     the CPU and bring each to the device only while it runs (text encoder, transformer, VAE).
+    A SAT checkpoint directory (see `cvfast.sat_io`) also loads; base: the diffusers folder or hub
+    id its text encoder, tokenizer and scheduler come from; trust_pickle=True unpickles its
+    checkpoints without the allowlist, which runs code from the files.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -129,10 +141,16 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         raise bad_arg("offload", offload, f"one of {OFFLOAD_CHOICES}")
     if not isinstance(model, (str, Path)):
         raise bad_arg("model", model, "a folder path, a hub id like 'THUDM/CogVideoX-5b', or 'tiny'")
+    from .sat_io import is_sat_dir, load_sat
+    path = Path(model).expanduser()
+    if path.is_dir() and is_sat_dir(path):
+        return load_sat(path, base, trust_pickle, dev, dt, ops, allow_fp16, offload)
+    if base is not None:
+        raise bad_arg("base", base, "None unless model is a SAT checkpoint directory (other models have their own "
+                      "text encoder and scheduler)")
     if str(model) == "tiny":
         from .tiny import build_tiny
         return build_tiny(dev, dt, ops, offload)
-    path = Path(model).expanduser()
     if path.is_dir():
         return load_folder(path, dev, dt, ops, allow_fp16, offload)
     parts = str(model).split("/")

@@ -143,16 +143,23 @@ class Pipeline:
 
     # -- LoRA -------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Merge a diffusers/PEFT-format LoRA (a .safetensors file, or a folder holding one) into the
-        transformer's weights: W += scale * alpha / r * B @ A. Several LoRAs stack; `unload_lora()`
-        restores the base weights bit for bit. Returns the transformer parameters it changed."""
-        from .models.lora import lora_deltas, read_lora
+    def load_lora(self, path, scale: float = 1.0, *, trust_pickle: bool = False) -> list[str]:
+        """Merge a LoRA into the transformer's weights: W += scale * alpha / r * B @ A. path: a
+        diffusers/PEFT-format .safetensors (or a folder holding one), or SAT matrix_A/matrix_B adapters
+        (a SAT checkpoint directory, its .pt, or a .safetensors with SAT names; see
+        `cvfast.sat_io.read_adapter`). trust_pickle: as in `cvfast.load`. Several LoRAs stack;
+        `unload_lora()` restores the base weights bit for bit. Returns the parameters it changed."""
+        from .sat_io import read_adapter
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise bad_arg("scale", scale, "a finite number")
+        return self.merge_lora(read_adapter(path, trust_pickle), scale, str(path))
+
+    @torch.no_grad()
+    def merge_lora(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
+        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them)."""
+        from .models.lora import lora_deltas
         params = dict(self.transformer.named_parameters())
-        deltas = lora_deltas(read_lora(path), params, float(scale), str(path))  # all checks before any change
+        deltas = lora_deltas(layers, params, float(scale), source)  # all checks before any change
         for name, parts in deltas.items():
             weight = params[name]
             self._lora_backup.setdefault(name, weight.detach().to("cpu", copy=True))

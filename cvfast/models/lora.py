@@ -91,7 +91,8 @@ def read_lora(path: str | Path) -> dict[str, dict]:
 def lora_deltas(layers: dict[str, dict], params: dict[str, torch.Tensor], scale: float,
                 source: str) -> dict[str, list[tuple[slice, torch.Tensor]]]:
     """{cvfast parameter: [(rows it changes, delta float32), ...]} for the transformer whose
-    parameters are `params`; layers that match nothing, or whose shape disagrees, raise listing them."""
+    parameters are `params`; layers that match nothing, or whose shape disagrees, raise listing them
+    (by their "label" when the file named them otherwise, e.g. SAT's)."""
     out, unmatched = {}, []
     for layer, parts in layers.items():
         delta = scale * (parts["alpha"] / parts["A"].shape[0]) * (parts["B"].float() @ parts["A"].float())
@@ -106,7 +107,7 @@ def lora_deltas(layers: dict[str, dict], params: dict[str, torch.Tensor], scale:
             target = (name, slice(None)) if name in params else None
         if target is None or params[target[0]][target[1]].shape != delta.shape:
             have = tuple(params[target[0]][target[1]].shape) if target else "no such layer"
-            unmatched.append(f"{layer} (delta {tuple(delta.shape)}, model: {have})")
+            unmatched.append(f"{parts.get('label', layer)} (delta {tuple(delta.shape)}, model: {have})")
             continue
         out.setdefault(target[0], []).append((target[1], delta))
     if unmatched:
