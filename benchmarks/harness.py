@@ -136,7 +136,8 @@ def format_table(rows: list[Row]) -> str:
         spread = "" if r.p20_ms is None else f"{r.p20_ms:.3g}-{r.p80_ms:.3g}"
         lines.append(f"{r.suite:9s} {r.case[:46]:46s} {r.backend:10s} {fmt(r.median_ms, '11.4g')} {spread:>19s} "
                      f"{fmt(r.tflops, '8.3g')} {fmt(r.gbps, '8.3g')} {fmt(r.peak_gib, '8.2f')}")
-        notes = {k: v for k, v in r.extra.items() if k.startswith(("speedup", "frac", "ratio", "skipped", "error", "latents", "passed"))}
+        notes = {k: v for k, v in r.extra.items() if k.startswith(("speedup", "frac", "ratio", "skipped", "error", "latents", "passed",
+                                                                  "host", "graph"))}
         if notes:
             lines.append(" " * 10 + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in notes.items()))

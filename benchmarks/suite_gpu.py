@@ -4,9 +4,12 @@ In order, each part recorded even if a later one fails: build the native extensi
 sources), run the GPU test files, measure the ceilings, the `ops` suite at CogVideoX sizes, and the
 `e2e` suite at CogVideoX-2B 49x480x720 with random weights for the reference and auto backends and
 diffusers (same weights, same run) when it is importable; then, if the run is still under
-`FIVE_B_AFTER_S`, the 5B e2e for auto and diffusers. Sized to finish in about 5 minutes on an H100
-or H200. On a machine without CUDA, everything that needs it is recorded as skipped, and the tiny
-model stands in for the e2e part so that the record-keeping itself is exercised.
+`FIVE_B_AFTER_S`, the 5B e2e for auto and diffusers; last, the denoising step with and without the
+CUDA graph (`suite_graph.py`: step and host time per step, the memory the graph holds) on the tiny
+model and at CogVideoX-2B 49x480x720. Sized to finish in about 5 minutes on an H100 or H200. On a
+machine without CUDA, everything that needs it is recorded as skipped, and the tiny model stands in
+for the e2e part (and runs the graph part's eager half) so that the record-keeping itself is
+exercised.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import torch
 
 from .harness import ROOT, Row, ceilings
 from .suite_e2e import run_e2e
+from .suite_graph import run_graph
 from .suite_ops import run_ops
 
 GPU_TESTS = ["tests/test_cuda.py"]
 FIVE_B_AFTER_S = 200  # start the optional 5B e2e only if the run is younger than this
+TINY_GRAPH_STEPS = 10  # the tiny step takes milliseconds: more steps for steadier per-step times
 
 
 def _skipped(case: str, why: str) -> Row:
@@ -86,17 +91,27 @@ def run_gpu(args, device: torch.device) -> tuple[list[Row], dict, dict]:
                                                        baseline="diffusers", iters=2, **size))
         else:
             rows.append(_skipped("e2e 5b", f"run already {time.perf_counter() - start:.0f} s old"))
+    rows += _guarded("graph tiny", lambda: run_graph("tiny", device, args.dtype, frames=9, height=64, width=96,
+                                                     steps=TINY_GRAPH_STEPS))
+    if gpu and model != "tiny":
+        torch.cuda.empty_cache()
+        rows += _guarded(f"graph {model}", lambda: run_graph(model, device, args.dtype, steps=max(args.steps, 2),
+                                                             **size))
     summary = dict(wall_s=time.perf_counter() - start, model=model, steps=args.steps,
                    headline=_headline(rows))
     return rows, summary, ceil
 
 
 def _headline(rows: list[Row]) -> dict:
-    """The ratios worth quoting: per e2e stage, auto against reference and against diffusers."""
+    """The ratios worth quoting: per e2e stage, auto against reference and against diffusers; per
+    graph case, the graph's step speed-up, the memory it holds and whether it matched eager."""
     out = {}
     for row in rows:
         if row.suite == "e2e" and row.backend == "auto":
             out[row.case] = {k: v for k, v in row.extra.items() if k.startswith(("speedup", "latents"))}
+        if row.suite == "graph" and row.backend == "cuda graph" and row.median_ms is not None:
+            out[f"{row.case} cuda graph"] = {k: v for k, v in row.extra.items()
+                                             if k.startswith(("speedup", "graph", "latents"))}
     return out
 
 
@@ -112,7 +127,8 @@ def markdown(record: dict) -> str:
     lines += ["| suite | case | backend | median ms | TFLOP/s | GB/s | notes |", "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()
-                          if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed")))
+                          if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed",
+                                           "host", "graph")))
         num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['suite']} | {r['case']} | {r['backend']} | {num(r['median_ms'], '.4g')} | "
                      f"{num(r['tflops'], '.3g')} | {num(r['gbps'], '.3g')} | {notes} |")

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", default="none", choices=["none", "model"],
                      help="'model': keep components on the CPU, each on the GPU only while it runs")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
+    gen.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                     help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
                      help="a LoRA merged into the weights (repeatable): diffusers/PEFT .safetensors, or SAT "
                           "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                           base=args.base, trust_pickle=args.trust_pickle,
                           loras=[(path, args.lora_scale) for path in args.lora],
                           vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
+                          cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
                           **_read_inputs(args), negative_prompt=args.negative_prompt,
                           num_frames=args.frames, height=args.height, width=args.width,
                           num_inference_steps=args.steps, guidance_scale=args.guidance,

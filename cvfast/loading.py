@@ -14,6 +14,7 @@ from .models.vae import CogVideoXVAE, VAEConfig
 from .models.weights import load_into, read_tensors, transformer_state_dict
 from .ops import OpSet, resolve
 from .pipeline import OFFLOAD_CHOICES, Pipeline
+from .sampler.graph import check_setting as check_cuda_graph
 from .sampler.schedulers import SchedulerConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -122,25 +123,35 @@ def _download(repo_id: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
-         offload: str = "none", base=None, trust_pickle: bool = False) -> Pipeline:
+         offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
     seeded random-weight model of the real architecture; its video is noise). device: default CUDA
-    when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference"
-    or "sdpa" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep the components on
-    the CPU and bring each to the device only while it runs (text encoder, transformer, VAE).
-    A SAT checkpoint directory (see `cvfast.sat_io`) also loads; base: the diffusers folder or hub
-    id its text encoder, tokenizer and scheduler come from; trust_pickle=True unpickles its
-    checkpoints without the allowlist, which runs code from the files.
+    when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
+    "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep
+    the components on the CPU and bring each to the device only while it runs (text encoder,
+    transformer, VAE). cuda_graph: generate()'s default: False, True (replay each denoising step
+    from a CUDA graph captured per shape; CUDA only, without offload) or "auto" (see
+    `cvfast/sampler/graph.py`). A SAT checkpoint directory (see `cvfast.sat_io`) also loads; base:
+    the diffusers folder or hub id its text encoder, tokenizer and scheduler come from;
+    trust_pickle=True unpickles its checkpoints without the allowlist, which runs code from the files.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ops = resolve(backend, dev)
     if offload not in OFFLOAD_CHOICES:
         raise bad_arg("offload", offload, f"one of {OFFLOAD_CHOICES}")
+    check_cuda_graph(cuda_graph, dev, offload)
     if not isinstance(model, (str, Path)):
         raise bad_arg("model", model, "a folder path, a hub id like 'THUDM/CogVideoX-5b', or 'tiny'")
+    pipe = _load_model(model, dev, dt, ops, allow_fp16, offload, base, trust_pickle)
+    pipe.cuda_graph = cuda_graph
+    return pipe
+
+
+def _load_model(model: str | Path, dev: torch.device, dt: torch.dtype, ops: OpSet, allow_fp16: bool,
+                offload: str, base, trust_pickle: bool) -> Pipeline:
     from .sat_io import is_sat_dir, load_sat
     path = Path(model).expanduser()
     if path.is_dir() and is_sat_dir(path):

@@ -7,6 +7,7 @@ the timestep `strength` selects, replaces the initial noise).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -25,7 +26,7 @@ from .models.vae import CogVideoXVAE, Tiling
 from .models.vae_memory import (choose_tiling, free_device_bytes, projected_decode_peak_bytes,
                                 projected_encode_peak_bytes)
 from .ops import OpSet
-from .sampler import schedulers
+from .sampler import graph, schedulers, static_step
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 OFFLOAD_CHOICES = ("none", "model")
@@ -72,6 +73,7 @@ class _Request:
     image_noise_sigma: float | str | None = None
     start: int = 0                        # first step of the schedule (video-to-video)
     vae_tiling: bool | str = "auto"
+    cuda_graph: bool = False              # replay the step from a cached CUDA graph
 
     @property
     def batch(self) -> int:
@@ -128,6 +130,9 @@ class Pipeline:
         # offload="model": components live on the CPU and each comes to `device` only while it runs.
         self.offload, self.home = offload, torch.device("cpu")
         self._lora_backup: dict[str, torch.Tensor] = {}  # base tensors of the layers LoRAs changed
+        # generate()'s default for cuda_graph (load() sets it); the step graphs, made on first use.
+        self.cuda_graph: bool | str = "auto"
+        self.graphs: graph.GraphCache | None = None
 
     @property
     def config(self) -> TransformerConfig:
@@ -298,7 +303,7 @@ class Pipeline:
                   image=None, image_noise_sigma=None, video=None, strength=0.8, num_frames=None, height=None,
                   width=None, num_inference_steps=50, guidance_scale=6.0, use_dynamic_cfg=False, seed=None,
                   generator=None, latents=None, max_sequence_length=None, vae_tiling="auto", output_type="np",
-                  allow_untrained_size=False) -> _Request:
+                  allow_untrained_size=False, cuda_graph=None) -> _Request:
         text = self._validate_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                                    max_sequence_length)
         steps = _positive_int("num_inference_steps", num_inference_steps)
@@ -327,8 +332,10 @@ class Pipeline:
             expected = (text.batch, *self._latent_shape(num_frames, height, width))
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 raise bad_arg("latents", getattr(latents, "shape", latents), f"a tensor of shape {expected}")
+        use_graph = graph.check_setting(self.cuda_graph if cuda_graph is None else cuda_graph, self.device,
+                                        self.offload)
         return _Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
-                        image_noise_sigma, start, vae_tiling)
+                        image_noise_sigma, start, vae_tiling, use_graph)
 
     def _extra_latent_frames(self, num_frames: int) -> int:
         """CogVideoX 1.5 patches pairs of latent frames; an odd count is padded at the front and the
@@ -424,51 +431,34 @@ class Pipeline:
         return schedulers.add_noise(self.scheduler, clean, noise, int(t0)), None
 
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: _Request, generator: torch.Generator,
-                callback: Callable | None, progress: bool, cond: torch.Tensor | None = None) -> torch.Tensor:
+                callback: Callable | None, progress: bool, cond: torch.Tensor | None = None,
+                graphs: graph.GraphCache | None = None) -> torch.Tensor:
         """latents (B, F, C, h, w) -> denoised latents, same shape and dtype. `cond`: image latents
-        concatenated on channels at every step (image-to-video)."""
+        concatenated on channels at every step (image-to-video). Each step is `static_step.run_step`
+        over buffers allocated once for the call, or, with `graphs`, once per cached shape, whose
+        step is then captured and replayed as a CUDA graph (`cvfast/sampler/graph.py`)."""
         self._use("transformer")
         plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
         run_steps = len(plan.timesteps_host)
-        cfg_on = req.guidance > 1.0
         # Dynamic CFG counts the steps that actually run (as diffusers does for video-to-video).
         scales = [dynamic_guidance(req.guidance, t, run_steps) if req.dynamic_cfg else req.guidance
                   for t in plan.timesteps_host]
-        tables = self.transformer.position_tables(latents.shape[1], latents.shape[3], latents.shape[4], self.device)
-        ofs = torch.full((1,), 2.0, device=self.device, dtype=self.dtype) if self.config.ofs_embed_dim else None
-        # The transformer's input lives in one buffer for the whole loop: each step copies the latents
-        # into its (one or two, with CFG) batch halves; image latents fill the extra channels once.
-        copies, channels = (2 if cfg_on else 1), latents.shape[2]
-        model_in = latents.new_empty(copies * latents.shape[0], latents.shape[1],
-                                     channels + (cond.shape[2] if cond is not None else 0), *latents.shape[3:])
-        if cond is not None:
-            model_in[:, :, channels:] = cond.repeat(copies, 1, 1, 1, 1)
-        halves = model_in[:, :, :channels].chunk(copies)
-        # The first non-finite step is recorded on the device and checked once after the loop: no
-        # host sync per step.
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        step_ids = torch.arange(run_steps, device=self.device)
-        prev_x0 = None
+        shape = static_step.StepShape.of(latents, text, cond, 2 if req.guidance > 1.0 else 1, run_steps)
+        allocate = functools.partial(static_step.allocate, shape, plan.kind, self.transformer, self.device, self.dtype)
+        entry = graphs.entry(shape, allocate) if graphs is not None else None
+        buf = allocate() if entry is None else entry.buffers
+        static_step.load(buf, latents, text, cond, plan, scales, lambda: self._randn(latents.shape, generator))
+        step = functools.partial(static_step.run_step, buf, self.transformer)
+        run = step if entry is None else functools.partial(graphs.run_step, entry, step)
         steps = range(run_steps)
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="denoising", unit="step")
         for i in steps:
-            for half in halves:
-                half.copy_(latents)
-            t = plan.timesteps[i].expand(model_in.shape[0])
-            out = self.transformer(model_in, text, t, tables, ofs=ofs).float()
-            if cfg_on:
-                uncond, cond_out = out.chunk(2)
-                out = uncond + scales[i] * (cond_out - uncond)
-            noise = [self._randn(latents.shape, generator) for _ in range(plan.noise_draws[i])]
-            new, prev_x0 = schedulers.step(plan, i, out, latents, prev_x0, noise)
-            latents = new.to(self.dtype)
-            if callback is not None:
-                callback(i, plan.timesteps_host[i], latents)
-            bad = ~torch.isfinite(latents).all()
-            first_bad = torch.where(bad & (first_bad < 0), step_ids[i], first_bad)
-        bad_step = int(first_bad)
+            run()
+            if callback is not None:  # the sampler's own buffer, overwritten by the next step
+                callback(i, plan.timesteps_host[i], buf.latents)
+        bad_step = int(buf.first_bad)
         if bad_step >= 0:
             raise NonFiniteLatentsError(
                 f"latents became NaN/Inf at denoising step {bad_step} (timestep {plan.timesteps_host[bad_step]}) "
@@ -476,7 +466,13 @@ class Pipeline:
                 + {torch.float16: "fp16 overflows in this model: use bfloat16 or float32.",
                    torch.bfloat16: "Try float32 to see whether it is a precision problem."}.get(
                     self.dtype, "The weights or inputs (latents, embeddings) produce non-finite values."))
-        return latents
+        # A cached shape's buffer is refilled by its next call: hand out a copy.
+        return buf.latents if entry is None else buf.latents.clone()
+
+    def _graph_cache(self) -> graph.GraphCache:
+        if self.graphs is None:
+            self.graphs = graph.GraphCache(functools.partial(graph.capture_cuda, device=self.device))
+        return self.graphs
 
     def _tiling(self, vae_tiling: bool | str, projected_peak: Callable[[Tiling | None], int]) -> Tiling | None:
         """The VAE's spatial tiling for one call: True/False as asked; "auto" tiles exactly when the
@@ -509,7 +505,8 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
                  vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
-                 progress: bool = True, allow_untrained_size: bool = False) -> GenerationResult:
+                 progress: bool = True, allow_untrained_size: bool = False,
+                 cuda_graph: bool | str | None = None) -> GenerationResult:
         """Generate video(s) for `prompt`.
 
         image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
@@ -518,7 +515,10 @@ class Pipeline:
         video: video-to-video (T2V models): PIL frames or a uint8 array (F, H, W, 3); `strength` in
         (0, 1] picks how much of the schedule runs. `seed=s` gives the same video as diffusers'
         pipeline for the mode called with `generator=torch.Generator("cpu").manual_seed(s)`.
-        `callback(step, timestep, latents)` runs after each step. Bad arguments raise
+        `callback(step, timestep, latents)` runs after each step; `latents` is the sampler's buffer,
+        overwritten by the next step (clone it to keep it). cuda_graph: False, True or "auto"
+        (None: the pipeline's, from `load()`); True replays each step from a CUDA graph captured on
+        the second call at a shape (`cvfast/sampler/graph.py`). Bad arguments raise
         `CVFastInputError` before any work starts.
         """
         req = self._validate(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -528,7 +528,8 @@ class Pipeline:
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
                              max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
-                             output_type=output_type, allow_untrained_size=allow_untrained_size)
+                             output_type=output_type, allow_untrained_size=allow_untrained_size,
+                             cuda_graph=cuda_graph)
         if generator is None:
             seed = random.randrange(2 ** 63) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -542,7 +543,8 @@ class Pipeline:
         with stages("denoising"):
             if req.mode == "t2v":
                 latents, _ = self._initial_latents(req, generator, latents)
-            latents = self.denoise(latents, text, req, generator, callback, progress, cond)
+            latents = self.denoise(latents, text, req, generator, callback, progress, cond,
+                                   self._graph_cache() if req.cuda_graph else None)
         fps = self.defaults["fps"]
         if req.output_type == "latent":
             return GenerationResult(latents, stages.timings, fps, seed, stages.peaks)

@@ -62,8 +62,15 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     assert "no CUDA device" in skipped["pytest tests/test_cuda.py"]
     assert "e2e 2b" in skipped
     assert any(r["case"] == "tiny loop" and r["backend"] == "auto" for r in record["rows"])
+    # The graph part measures the eager step on the CPU and skips the graph.
+    graph_rows = {r["backend"]: r for r in record["rows"] if r["suite"] == "graph"}
+    assert graph_rows["cuda graph"]["extra"]["skipped"] == "no CUDA device"
+    eager = graph_rows["eager"]
+    # On a CPU the host computes the step itself: host time is the step time, give or take noise.
+    assert eager["median_ms"] / 3 < eager["extra"]["host_ms_per_step"] < eager["median_ms"] * 3
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# gpu suite, cpu") and "| e2e | tiny loop | auto |" in markdown
+    assert "| graph | tiny step | eager |" in markdown and "host_ms_per_step" in markdown
 
 
 def test_roofline_through_the_entry_point(tmp_path):

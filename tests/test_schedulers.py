@@ -35,7 +35,7 @@ def test_steps_match_diffusers(kind, name, steps):
     shape = (1, 3, 4, 5, 7)
     x_ref = x_ours = torch.randn(shape)
     gen_ref, gen_ours = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    old_ref = old_ours = None
+    old_ref, old_ours = None, torch.zeros(shape)  # ours: zeros before the first step (coefficient 0)
     for i, t in enumerate(ref.timesteps):
         out = torch.randn(shape)
         if kind == "ddim":
@@ -44,7 +44,7 @@ def test_steps_match_diffusers(kind, name, steps):
             back = ref.timesteps[i - 1] if i > 0 else None
             x_ref, old_ref = ref.step(out, old_ref, t, back, x_ref, generator=gen_ref, return_dict=False)
         noise = [torch.randn(shape, generator=gen_ours) for _ in range(plan.noise_draws[i])]
-        x_ours, old_ours = schedulers.step(plan, i, out, x_ours, old_ours, noise)
+        x_ours, old_ours = schedulers.step(plan.kind, plan.coef[i], out, x_ours, old_ours, noise[-1] if noise else None)
         assert torch.isfinite(x_ours).all()
         # epsilon: x0 = c0 * x - c1 * eps instead of diffusers' (x - s * eps) / a rounds differently.
         tol = 1e-6 if cfg.prediction_type == "v_prediction" else 1e-5

@@ -102,3 +102,10 @@ def test_cli_video_to_video_and_image_to_video(tmp_path):
 def test_cli_bad_condition_files(tmp_path, args, message):
     proc = cli(*args, "--out", str(tmp_path / "x.mp4"))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_cuda_graph_without_cuda_is_one_clear_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the graph would run")
+    proc = cli("--cuda-graph", "on", "--out", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 2 and "cuda_graph=True" in proc.stderr and "Traceback" not in proc.stderr

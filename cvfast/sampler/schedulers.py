@@ -82,15 +82,18 @@ class StepPlan:
     """Everything per step, precomputed. `coef` rows (float32, on the device) hold:
     [c_sample, c_model] to form x0 = c_sample * x - c_model * out, then
     DDIM: [a, b]             x' = a * x + b * x0
-    DPM:  [m1, m2, m3, m4, mn]  x' = m1 * x - m2 * d + mn * noise, d = x0 or m3 * x0 - m4 * x0_prev.
+    DPM:  [m1, m2, m3, m4, mn]  x' = m1 * x - m2 * d + mn * noise, d = m3 * x0 - m4 * x0_prev.
+    A DPM step without history (the first, and one that steps to the final alpha) has m3 = 1 and
+    m4 = 0, so d = x0 exactly (1 * x0 and x0 - 0 are exact in floating point): the history is
+    arithmetic, not a host branch, which lets a CUDA graph replay every step the same way.
     `noise_draws[i]` is how many Gaussian draws step i consumes (DPM draws one, plus one more once
-    it has history, exactly like the diffusers scheduler, so a seed gives the same video)."""
+    it has history, exactly like the diffusers scheduler, so a seed gives the same video); the
+    step adds the last of them."""
     kind: str
     timesteps: torch.Tensor         # (steps,) int64 on the device
     timesteps_host: list[int]
     coef: torch.Tensor              # (steps, 4 or 7) float32 on the device
     noise_draws: list[int]
-    uses_history: list[bool]
 
 
 def first_step(num_steps: int, strength: float) -> int:
@@ -109,7 +112,7 @@ def make_plan(cfg: SchedulerConfig, num_steps: int, device, start: int = 0) -> S
     ts = timesteps(cfg, num_steps)[start:]
     final = torch.tensor(1.0, dtype=torch.float64) if cfg.set_alpha_to_one else ac[0]
     stride = cfg.num_train_timesteps // num_steps  # steps back by this stride, whatever the spacing or start
-    rows, draws, history = [], [], []
+    rows, draws = [], []
     for i, t in enumerate(ts.tolist()):
         prev = t - stride
         a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else final)
@@ -121,26 +124,23 @@ def make_plan(cfg: SchedulerConfig, num_steps: int, device, start: int = 0) -> S
             a = ((1 - a_prev) / (1 - a_t)) ** 0.5
             rows.append(x0 + [a, a_prev ** 0.5 - a_t ** 0.5 * a])
             draws.append(0)
-            history.append(False)
             continue
         lam = ((a_t / (1 - a_t)) ** 0.5).log()
         h = ((a_prev / (1 - a_prev)) ** 0.5).log() - lam
-        has_back = i > 0
-        if has_back:
+        uses_history = i > 0 and prev >= 0  # diffusers' rule: a previous step, and not the final one
+        if uses_history:
             a_back = ac[int(ts[i - 1])]
             r = (lam - ((a_back / (1 - a_back)) ** 0.5).log()) / h
             m3, m4 = 1 + 1 / (2 * r), 1 / (2 * r)
         else:
-            m3 = m4 = torch.tensor(0.0, dtype=torch.float64)
+            m3, m4 = 1.0, 0.0
         m1 = ((1 - a_prev) / (1 - a_t)) ** 0.5 * (-h).exp()
         m2 = (-2 * h).expm1() * a_prev ** 0.5
         mn = (1 - a_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
         rows.append(x0 + [m1, m2, m3, m4, mn])
-        uses = has_back and prev >= 0
-        history.append(uses)
-        draws.append(2 if uses else 1)
+        draws.append(2 if uses_history else 1)
     coef = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32, device=device)
-    return StepPlan(cfg.kind, torch.from_numpy(ts.copy()).to(device), ts.tolist(), coef, draws, history)
+    return StepPlan(cfg.kind, torch.from_numpy(ts.copy()).to(device), ts.tolist(), coef, draws)
 
 
 def add_noise(cfg: SchedulerConfig, clean: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -150,16 +150,17 @@ def add_noise(cfg: SchedulerConfig, clean: torch.Tensor, noise: torch.Tensor, ti
     return a ** 0.5 * clean + (1 - a) ** 0.5 * noise
 
 
-def step(plan: StepPlan, i: int, model_out: torch.Tensor, sample: torch.Tensor,
-         prev_x0: torch.Tensor | None, noise: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update. model_out, sample: (B, F, C, H, W); noise: `plan.noise_draws[i]` tensors.
-    Math in float32 whatever the latent dtype. Returns (new sample float32, x0 float32)."""
-    c = plan.coef[i]
+def step(kind: str, c: torch.Tensor, model_out: torch.Tensor, sample: torch.Tensor, prev_x0: torch.Tensor | None,
+         noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update with `c`, the step's row of `StepPlan.coef` (device tensors only: no host values,
+    so it can be captured in a CUDA graph). model_out, sample: (B, F, C, H, W); prev_x0: the
+    previous step's x0 (DPM; zeros before the first step, where its coefficient is 0); noise: the
+    last of the step's draws (DPM). Math in float32 whatever the latent dtype. Returns (new sample
+    float32, x0 float32)."""
     x = sample.float()
     x0 = c[0] * x - c[1] * model_out.float()
-    if plan.kind == "ddim":
+    if kind == "ddim":
         return c[2] * x + c[3] * x0, x0
-    # With history the second-order estimate replaces x0 and the step's second draw is the one used
-    # (the first draw is still consumed, to keep the generator in step with diffusers).
-    d = c[4] * x0 - c[5] * prev_x0 if plan.uses_history[i] else x0
-    return c[2] * x - c[3] * d + c[6] * noise[-1], x0
+    # The second-order estimate; d = x0 exactly on steps without history (m3 = 1, m4 = 0).
+    d = c[4] * x0 - c[5] * prev_x0
+    return c[2] * x - c[3] * d + c[6] * noise, x0
