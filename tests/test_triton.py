@@ -236,3 +236,23 @@ def test_generate_with_triton_matches_reference(variant, scheduler):
     ref, fast = (np.asarray(frames[b], np.float64) for b in ("reference", "triton"))
     assert np.isfinite(fast).all()
     assert np.linalg.norm(fast - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_auto_passes_over_a_kernel_that_fails_on_its_first_run(caplog):
+    """A kernel that fails to compile on a device falls back (auto) with one line, and is not retried."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTX assembly aborted\nmore detail")
+    opset = ops.OpSet({"modulate": [ops.Impl("triton", broken), ops.dispatch.reference_impl("modulate")]})
+    h, shift = torch.randn(1, 5, 8), torch.randn(1, 1, 8)
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        for _ in range(2):
+            got = opset.modulate(h, None, None, shift, shift, 0, 1e-5)
+    torch.testing.assert_close(got, reference.modulate(h, None, None, shift, shift, 0, 1e-5))
+    assert len(calls) == 1 and len(caplog.records) == 1
+    assert "failed on its first run: RuntimeError: PTX assembly aborted" in caplog.records[0].getMessage()
+    required = ops.OpSet({"modulate": ops.Impl("triton", broken)}, required="triton")
+    with pytest.raises(RuntimeError, match="PTX"):
+        required.modulate(h, None, None, shift, shift, 0, 1e-5)

@@ -94,25 +94,39 @@ class _Dispatcher:
             # Under torch.compile / torch.export a signature lookup would compare symbolic sizes and
             # specialise them (a dynamic batch would become a constant); the reasons look only at
             # static properties (head_dim, dtype, device).
-            return self._choose(args, kwargs).fn(*args, **kwargs)
+            return self._first(args, kwargs, run=False)[0].fn(*args, **kwargs)
         key = _signature((args, kwargs))
         impl = self.chosen.get(key)
-        if impl is None:
-            impl = self.chosen[key] = self._choose(args, kwargs)
-        return impl.fn(*args, **kwargs)
+        if impl is not None:
+            return impl.fn(*args, **kwargs)
+        impl, out = self._first(args, kwargs, run=True)
+        self.chosen[key] = impl
+        return out
 
-    def _choose(self, args, kwargs) -> Impl:
+    def _first(self, args, kwargs, run: bool):
+        """The first candidate that can take the input: (impl, its output when `run`). Unless it is the
+        required backend or the reference, a candidate that raises on its first run (a kernel that
+        fails to compile on this device, say) is passed over like one that declared it cannot."""
         skipped = []
         for impl in self.candidates:
             reasons = impl.reasons(*args, **kwargs)
+            if reasons and impl.backend == self.required:
+                raise CVFastInputError(f"backend={self.required!r}: {self.op} cannot take {_describe(args)}: "
+                                       + "; ".join(reasons))
+            out = None
+            if not reasons and run:
+                try:
+                    out = impl.fn(*args, **kwargs)
+                except Exception as exc:
+                    if impl.backend in (self.required, "reference"):
+                        raise
+                    reasons = [f"failed on its first run: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                               if str(exc).strip() else f"failed on its first run: {type(exc).__name__}"]
             if not reasons:
                 if skipped:  # never silent: one line per op and input signature
                     log.warning("cvfast: %s uses %s instead of %s for %s", self.op, impl.backend,
                                 "; ".join(skipped), _describe(args))
-                return impl
-            if impl.backend == self.required:
-                raise CVFastInputError(f"backend={self.required!r}: {self.op} cannot take {_describe(args)}: "
-                                       + "; ".join(reasons))
+                return impl, out
             skipped.append(f"{impl.backend} ({'; '.join(reasons)})")
         raise CVFastInputError(f"no backend of {self.op} can take {_describe(args)}: " + "; ".join(skipped))
 
