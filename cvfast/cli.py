@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    gen.add_argument("--backend", default="auto", help="auto, reference or sdpa")
+    gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
+    gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
     gen.add_argument("--allow-fp16", action="store_true")
     gen.add_argument("--image", default=None, help="image file: image-to-video (needs an I2V model)")
     gen.add_argument("--image-noise-sigma", default=None,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
                           backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
-                          base=args.base, trust_pickle=args.trust_pickle,
+                          base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
                           loras=[(path, args.lora_scale) for path in args.lora],
                           vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
                           cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],

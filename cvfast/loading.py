@@ -79,13 +79,15 @@ def family_defaults(cfg: TransformerConfig, spatial_factor: int) -> dict:
 
 
 def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpSet, allow_fp16: bool,
-                offload: str = "none", name: str | None = None) -> Pipeline:
+                offload: str = "none", name: str | None = None, transformer_weights: bool = True) -> Pipeline:
     _read_json(folder / "model_index.json")
     t_cfg = TransformerConfig.from_dict(_read_json(folder / "transformer" / "config.json"))
     _check_fp16(dtype, t_cfg, allow_fp16)
     v_cfg = VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"))
     s_cfg = SchedulerConfig.from_dict(_read_json(folder / "scheduler" / "scheduler_config.json"))
-    return assemble(t_cfg, v_cfg, s_cfg, lambda: transformer_state_dict(read_tensors(folder / "transformer")),
+    transformer_tensors = (lambda: transformer_state_dict(read_tensors(folder / "transformer"))) \
+        if transformer_weights else None
+    return assemble(t_cfg, v_cfg, s_cfg, transformer_tensors,
                     lambda: {k: (t, f"{path}:{k}") for k, (t, path) in read_tensors(folder / "vae").items()},
                     folder, device, dtype, ops, offload, name or str(folder))
 
@@ -103,7 +105,8 @@ def assemble(t_cfg: TransformerConfig, v_cfg: VAEConfig, s_cfg: SchedulerConfig,
         vae = CogVideoXVAE(v_cfg, ops)
     # With offload="model" every component starts on the CPU and visits the device when it runs.
     home = torch.device("cpu") if offload == "model" else device
-    load_into(transformer, transformer_tensors(), "transformer", dtype, home)
+    if transformer_tensors is not None:  # None: the transformer runs elsewhere (a TensorRT engine)
+        load_into(transformer, transformer_tensors(), "transformer", dtype, home)
     load_into(vae, vae_tensors(), "vae", dtype, home)
     text_encoder = _load_text_encoder(text_folder, home, dtype)
     return Pipeline(name=name, transformer=transformer.eval(), vae=vae.eval(),
@@ -123,7 +126,8 @@ def _download(repo_id: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
-         offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False) -> Pipeline:
+         offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
+         engine=None) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -136,8 +140,13 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     `cvfast/sampler/graph.py`). A SAT checkpoint directory (see `cvfast.sat_io`) also loads; base:
     the diffusers folder or hub id its text encoder, tokenizer and scheduler come from;
     trust_pickle=True unpickles its checkpoints without the allowlist, which runs code from the files.
+    backend="tensorrt" with engine=PATH (from `cvfast export tensorrt`): the denoiser runs from that
+    engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
+    loaded. An engine built for another model, size or precision is refused, naming which.
     """
     dev = resolve_device(device)
+    if backend == "tensorrt" or engine is not None:
+        return _load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
     dt = resolve_dtype(dtype, dev)
     ops = resolve(backend, dev)
     if offload not in OFFLOAD_CHOICES:
@@ -168,3 +177,43 @@ def _load_model(model: str | Path, dev: torch.device, dt: torch.dtype, ops: OpSe
     if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
         return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, offload, name=str(model))
     raise bad_arg("model", str(model), "an existing folder, a hub id 'org/name', or 'tiny'")
+
+
+def _load_with_engine(model, engine, backend, dev: torch.device, dtype, allow_fp16: bool, offload: str, cuda_graph,
+                      base) -> Pipeline:
+    """load(backend="tensorrt", engine=PATH): every check before anything heavy."""
+    from .export.tensorrt_engine import TensorRTTransformer, check_model, read_spec, require_tensorrt
+    if backend != "tensorrt":
+        raise bad_arg("engine", str(engine), f"None with backend={backend!r} (an engine needs backend='tensorrt')")
+    if engine is None:
+        raise bad_arg("engine", None, "the path of an engine from `cvfast export tensorrt` with backend='tensorrt'")
+    spec = read_spec(engine)
+    if dev.type != "cuda":
+        raise bad_arg("device", str(dev), "a CUDA device for backend='tensorrt'")
+    dt = resolve_dtype(dtype if dtype is not None else spec["dtype"], dev)
+    if offload != "none":
+        raise bad_arg("offload", offload, "'none' with backend='tensorrt' (the engine holds the transformer)")
+    if cuda_graph is True:
+        raise bad_arg("cuda_graph", cuda_graph, "False or 'auto' with backend='tensorrt' (capturing an engine's "
+                      "execution is not supported yet)")
+    if base is not None:
+        raise bad_arg("base", base, "None with backend='tensorrt' (convert a SAT checkpoint first: cvfast convert-sat)")
+    require_tensorrt()
+    pipe = _load_engine_model(model, dev, dt, allow_fp16)
+    check_model(spec, pipe.config, dt, engine)
+    pipe.transformer = TensorRTTransformer(engine, spec, pipe.config, dev)
+    pipe.cuda_graph = cuda_graph
+    return pipe
+
+
+def _load_engine_model(model, dev: torch.device, dt: torch.dtype, allow_fp16: bool) -> Pipeline:
+    """The pipeline around an engine: VAE and text encoder loaded, the transformer's config only."""
+    ops = resolve("auto", dev)
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return load_folder(path, dev, dt, ops, allow_fp16, transformer_weights=False)
+    parts = str(model).split("/")
+    if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
+        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, name=str(model), transformer_weights=False)
+    raise bad_arg("model", str(model), "a diffusers-layout folder or hub id with backend='tensorrt' (the engine "
+                  "replaces its transformer)")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import NonFiniteLatentsError, bad_arg
+from .errors import CVFastInputError, NonFiniteLatentsError, bad_arg
 from .media import frames_list, to_vae_input
 from .models.config import TransformerConfig
 from .models.text_encoder import TextEncoder
@@ -163,6 +163,9 @@ class Pipeline:
     def merge_lora(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
         """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them)."""
         from .models.lora import lora_deltas
+        if not isinstance(self.transformer, CogVideoXTransformer):
+            raise CVFastInputError(f"{source}: a LoRA cannot be merged into a TensorRT engine; merge it into the "
+                                   "model (load_lora on a PyTorch pipeline), then build the engine from that")
         params = dict(self.transformer.named_parameters())
         deltas = lora_deltas(layers, params, float(scale), source)  # all checks before any change
         for name, parts in deltas.items():
@@ -328,6 +331,10 @@ class Pipeline:
             raise bad_arg("seed", seed, "a non-negative integer")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise bad_arg("generator", generator, "a torch.Generator")
+        check_engine = getattr(self.transformer, "check_request", None)  # a TensorRT engine's size and batch
+        if check_engine is not None:
+            check_engine(self._latent_shape(num_frames, height, width), text.max_len,
+                         text.batch * (2 if text.guidance > 1 else 1))
         if latents is not None:
             expected = (text.batch, *self._latent_shape(num_frames, height, width))
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:

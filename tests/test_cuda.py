@@ -179,3 +179,22 @@ def test_second_shape_is_captured_separately():
                                 **small).frames
     assert all(torch.equal(g, eager_small) for g in graphed_small + [again_small])
     assert all(torch.equal(g, eager_large) for g in graphed_large)
+
+
+# -- TensorRT engines (need the tensorrt package as well) -----------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensorrt_engine_generates_like_the_reference(tmp_path, dtype):
+    pytest.importorskip("tensorrt", reason="the tensorrt package is not installed")
+    from cvfast.export.tensorrt_engine import build_engines
+    from tests.fixtures import tiny_folder
+    folder = tiny_folder("5b")
+    kw = dict(num_frames=9, height=64, width=96, num_inference_steps=4, seed=0, progress=False, output_type="pt",
+              max_sequence_length=16)
+    exact = cvfast.load(folder, device="cpu").generate("a red boat", **kw).frames
+    [plan] = build_engines(cvfast.load(folder, device="cpu"), tmp_path, [(9, 64, 96)], dtype=dtype, text_len=16)
+    got = cvfast.load(folder, backend="tensorrt", engine=plan).generate("a red boat", **kw).frames
+    lowp = cvfast.load(folder, dtype=dtype, backend="reference").generate("a red boat", **kw).frames
+    assert torch.isfinite(got).all()
+    # fp32: TensorRT may run fp32 matmuls in TF32, hence the absolute allowance.
+    assert rel(got, exact) <= 2 * rel(lowp, exact) + (1e-3 if dtype == torch.float32 else 1e-2)

@@ -10,12 +10,6 @@ TENSORRT_MISSING = (
     "with an NVIDIA GPU and CUDA: `pip install tensorrt` (it must match the CUDA/driver of that machine). "
     "The ONNX export does not need it: `cvfast export onnx --model M --out DIR` works here, and the engine "
     "can be built from that file later (see the README.txt that --serving-repo writes).")
-TENSORRT_NOT_YET = (
-    "building a TensorRT engine from cvfast is not implemented yet (the TensorRT part of the export issue). "
-    "Export with `cvfast export onnx --model M --out DIR --serving-repo REPO` and build the engine with the "
-    "trtexec command in REPO/<name>/1/README.txt.")
-
-
 def add_parser(sub) -> None:
     """Add `export` (with `onnx` and `tensorrt`) to the `cvfast` subcommands."""
     exp = sub.add_parser("export", help="export the transformer for serving (ONNX, TensorRT)")
@@ -37,6 +31,11 @@ def add_parser(sub) -> None:
                        help="run the ONNX model under onnxruntime at batch 1 and 2 against the reference forward, "
                             "and list operators TensorRT does not support")
         p.add_argument("--serving-repo", default=None, help="also write a Triton model repository there")
+        if fmt == "tensorrt":
+            p.add_argument("--size", action="append", default=[], metavar="F,H,W",
+                           help="a video size (frames,height,width in pixels) to build an engine for; repeat for "
+                                "more (default: --frames/--height/--width)")
+            p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT's workspace limit")
 
 
 def _tensorrt_available() -> bool:
@@ -47,11 +46,41 @@ def _tensorrt_available() -> bool:
     return True
 
 
+def _sizes(args, defaults: dict) -> list[tuple[int, int, int]]:
+    if not args.size:
+        return [(args.frames or defaults["num_frames"], args.height or defaults["height"],
+                 args.width or defaults["width"])]
+    sizes = []
+    for text in args.size:
+        parts = text.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise CVFastInputError(f"--size={text!r} is not accepted: frames,height,width in pixels, e.g. 49,480,720")
+        sizes.append(tuple(int(p) for p in parts))
+    return sizes
+
+
+def _run_tensorrt(args) -> int:
+    if not _tensorrt_available():
+        print(f"cvfast: error: {TENSORRT_MISSING}", file=sys.stderr)
+        return 2
+    from .. import load
+    from .tensorrt_engine import build_engines
+    try:
+        pipe = load(args.model, device="cpu", dtype=args.dtype, backend="reference", allow_fp16=args.allow_fp16)
+        plans = build_engines(pipe, args.out, _sizes(args, pipe.defaults), batch=args.batch, dtype=pipe.dtype
+                              if args.dtype else None, text_len=args.text_len, workspace_gib=args.workspace_gib,
+                              allow_untrained_size=args.allow_untrained_size)
+    except (CVFastInputError, ImportError) as exc:
+        print(f"cvfast: error: {exc}", file=sys.stderr)
+        return 2
+    for plan in plans:
+        print(f"wrote {plan} (+ {plan.name}.json)")
+    return 0
+
+
 def run(args) -> int:
     if args.format == "tensorrt":
-        print(f"cvfast: error: {TENSORRT_MISSING if not _tensorrt_available() else TENSORRT_NOT_YET}",
-              file=sys.stderr)
-        return 2
+        return _run_tensorrt(args)
     from .. import load
     from . import check_onnx, export_onnx, write_serving_repo
     from .onnx_export import require_onnx

@@ -1,0 +1,89 @@
+"""The TensorRT path's checks that need no GPU: the engine's spec file, refusing an engine built for
+another model, size or precision, and load()'s argument checks. Building and running engines is in
+tests/test_cuda.py (needs CUDA and the tensorrt package)."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import cvfast
+from cvfast.errors import CVFastInputError
+from cvfast.export import cli as export_cli
+from cvfast.export.tensorrt_engine import (EngineMismatchError, check_model, check_size, config_hash, engine_spec,
+                                           read_spec)
+from tests.fixtures import tiny_folder
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return cvfast.load("tiny", device="cpu")
+
+
+def fake_engine(tmp_path, spec: dict):
+    """An engine file with its spec beside it (the bytes are never read without TensorRT)."""
+    plan = tmp_path / "9x64x96.plan"
+    plan.write_bytes(b"not an engine")
+    plan.with_name(plan.name + ".json").write_text(json.dumps(spec))
+    return plan
+
+
+def test_spec_names_the_model_size_and_precision(pipe):
+    spec = engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15")
+    assert spec["variant"] == pipe.config.variant and spec["config_hash"] == config_hash(pipe.config)
+    assert spec["latent"] == [3, pipe.config.in_channels, 8, 12] and spec["batch"] == [1, 2]
+    assert spec["dtype"] == "bfloat16"
+
+
+def test_an_engine_for_another_model_or_precision_is_refused(pipe, tmp_path):
+    spec = read_spec(fake_engine(tmp_path, engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15")))
+    check_model(spec, pipe.config, torch.bfloat16, "e.plan")  # the same model: accepted
+    other = cvfast.load(tiny_folder("2b"), device="cpu").config
+    with pytest.raises(EngineMismatchError, match=r"built for a 5b model .* not this 2b model"):
+        check_model(spec, other, torch.bfloat16, "e.plan")
+    with pytest.raises(EngineMismatchError, match="runs in bfloat16, not float32"):
+        check_model(spec, pipe.config, torch.float32, "e.plan")
+
+
+def test_an_engine_for_another_size_or_batch_is_refused_before_any_work(pipe):
+    spec = engine_spec(pipe, 9, 64, 96, 1, torch.float32, 226, "10.15")
+    check_size(spec, pipe._latent_shape(9, 64, 96), 226, 2, "e.plan")
+    with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
+        check_size(spec, pipe._latent_shape(17, 64, 96), 226, 2, "e.plan")
+    with pytest.raises(EngineMismatchError, match="batch of 1 to 2, this call needs 4"):
+        check_size(spec, pipe._latent_shape(9, 64, 96), 226, 4, "e.plan")
+    # Through generate(): the pipeline asks its transformer before encoding any text.
+    pipe.transformer.check_request = lambda shape, text_len, batch: check_size(spec, shape, text_len, batch, "e.plan")
+    try:
+        with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
+            pipe.generate("a cat", num_frames=9, height=32, width=48, progress=False)
+    finally:
+        del pipe.transformer.check_request
+
+
+def test_load_arguments_for_an_engine(pipe, tmp_path):
+    with pytest.raises(CVFastInputError, match="engine=None"):
+        cvfast.load("tiny", backend="tensorrt")
+    plan = fake_engine(tmp_path, engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15"))
+    with pytest.raises(CVFastInputError, match="engine=.* needs backend='tensorrt'"):
+        cvfast.load("tiny", engine=plan)
+    with pytest.raises(CVFastInputError, match="an existing engine file"):
+        cvfast.load("tiny", backend="tensorrt", engine=tmp_path / "missing.plan")
+    plan.with_name(plan.name + ".json").unlink()
+    with pytest.raises(CVFastInputError, match="9x64x96.plan.json beside it"):
+        cvfast.load("tiny", backend="tensorrt", engine=plan)
+    plan = fake_engine(tmp_path, engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15"))
+    if not torch.cuda.is_available():
+        with pytest.raises(CVFastInputError, match="device='cpu'.*CUDA device"):
+            cvfast.load("tiny", backend="tensorrt", engine=plan)
+
+
+@pytest.mark.parametrize("sizes,match", [(["49,480"], "--size='49,480'"), (["a,b,c"], "--size='a,b,c'")])
+def test_export_sizes_are_parsed_with_clear_errors(sizes, match):
+    args = argparse.Namespace(size=sizes, frames=None, height=None, width=None)
+    with pytest.raises(CVFastInputError, match=match):
+        export_cli._sizes(args, {"num_frames": 9, "height": 64, "width": 96})
+    args.size = ["49,480,720", "81,768,1360"]
+    assert export_cli._sizes(args, {}) == [(49, 480, 720), (81, 768, 1360)]
+    args.size = []
+    assert export_cli._sizes(args, {"num_frames": 9, "height": 64, "width": 96}) == [(9, 64, 96)]
