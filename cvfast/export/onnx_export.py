@@ -34,11 +34,10 @@ LayerNormalization (17) and keeps GELU(tanh) as elementary ops (the Gelu op arri
 is inside what TensorRT 10.x's ONNX parser takes (10.0: opsets 9-20; 10.15: 9-24) and what
 onnxruntime runs.
 
-The export runs the model with cvfast's *reference* ops (plain PyTorch), whatever backend `pipe`
-was loaded with: no custom kernel needs an ONNX lowering. The reference attention evaluates query
-blocks of `_QUERY_BLOCK` (1024) in a Python loop; for an export that loop is unrolled at the fixed
-sequence length of the exported size (text + video tokens), which is exactly the computation the
-reference does at that size.
+The export runs the model with cvfast's reference ops and PyTorch SDPA for attention, whatever
+backend `pipe` was loaded with: no custom kernel needs an ONNX lowering, and attention is written
+as one matmul-softmax-matmul per layer (the pattern TensorRT fuses into its attention kernels)
+rather than the reference's loop over 1,024-query blocks.
 
 Weights above `external_data_threshold_bytes` (default 2 GB, below protobuf's 2 GiB limit on one
 message) go to ONE external-data file beside the model, `transformer.onnx.data`.
@@ -122,13 +121,13 @@ class TransformerForExportOfs(TransformerForExport):
 
 
 def reference_transformer(pipe, dtype: torch.dtype) -> nn.Module:
-    """A transformer with the reference OpSet on the CPU in `dtype`, sharing `pipe`'s weight tensors
+    """A transformer with the reference ops (SDPA attention) on the CPU in `dtype`, sharing `pipe`'s weight tensors
     when they already are CPU tensors of that dtype (no copy), else converted copies."""
     from ..models.transformer import CogVideoXTransformer
     from ..ops import resolve
     src = pipe.transformer
     with torch.device("meta"):
-        tr = CogVideoXTransformer(src.cfg, resolve("reference", "cpu"))
+        tr = CogVideoXTransformer(src.cfg, resolve("sdpa", "cpu"))
     state = {k: v.detach().to(device="cpu", dtype=dtype) for k, v in src.state_dict().items()}
     tr.load_state_dict(state, strict=True, assign=True)
     return tr.eval().requires_grad_(False)
@@ -145,7 +144,7 @@ def export_shapes(pipe, frames: int, height: int, width: int, text_len: int | No
 
 
 def build_export_module(pipe, latent: tuple[int, int, int], dtype: torch.dtype) -> TransformerForExport:
-    """The wrapper module (reference ops, CPU, `dtype`) for latent (frames, height, width)."""
+    """The wrapper module (reference ops with SDPA attention, CPU, `dtype`) for latent (frames, height, width)."""
     transformer = reference_transformer(pipe, dtype)
     latent_frames, lh, lw = latent
     tables = transformer.position_tables(latent_frames, lh, lw, "cpu")
