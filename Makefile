@@ -35,7 +35,10 @@ demo: $(STAMP)
 	$(PY) -m cvfast generate --model tiny --prompt "a red panda eating bamboo in a misty forest" \
 		--seed 0 --steps 50 --out demo.mp4 --no-progress
 
+# With nvcc on the PATH, every csrc/*.cu must compile for sm_90 (even where no GPU will run it);
+# ptxas's register/spill/smem report: build/nvcc/ptxas.log.
 test: $(TSTAMP)
+	@if command -v nvcc >/dev/null 2>&1; then $(PY) csrc/nvcc_check.py; else echo "nvcc not found: CUDA sources not compiled"; fi
 	$(PY) -m pytest -q tests
 
 clean:

@@ -5,11 +5,17 @@
 // one rounding to x's dtype at the store.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
 #include <string>
+
+// The dtypes the ops take (the checks refuse the others): float32, bfloat16, float16.
+#define CVFAST_DISPATCH_FLOATS(TYPE, NAME, ...)                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace cvfast {
 

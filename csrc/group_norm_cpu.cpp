@@ -5,7 +5,6 @@
 // thread count.
 #include "group_norm.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/core/Tensor.h>
@@ -151,7 +150,7 @@ at::Tensor group_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   at::Tensor out = at::empty_like(x);  // keeps x's layout
   if (x.numel() == 0) return out;
   const Shape s(x, groups);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_group_norm_cpu", [&] {
+  CVFAST_DISPATCH_FLOATS(x.scalar_type(), "native_group_norm_cpu", [&] {
     std::vector<float> mean(s.batch * s.groups), rstd(mean.size());
     group_stats(x.const_data_ptr<scalar_t>(), s, eps, mean, rstd);
     const scalar_t* sc = scale.has_value() ? scale->const_data_ptr<scalar_t>() : nullptr;

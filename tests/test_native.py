@@ -114,3 +114,15 @@ def test_a_failed_build_warns_and_still_installs(tmp_path):
     assert reason.startswith("cvfast._C failed to build (FileNotFoundError") and "build.log" in reason
     assert "WARNING: cvfast._C failed to build" in result.stderr
     assert not list(package.glob("_C*.so"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_nvcc_check_fails_on_a_cuda_source_that_does_not_compile(tmp_path):
+    """csrc/nvcc_check.py (run by `make test`) on a project whose one .cu has a type error."""
+    (tmp_path / "csrc").mkdir()
+    shutil.copy(ROOT / "csrc" / "nvcc_check.py", tmp_path / "csrc")
+    (tmp_path / "csrc" / "broken.cu").write_text("__global__ void k(float* x) { x[0] = undeclared; }\n")
+    result = subprocess.run([sys.executable, "csrc/nvcc_check.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert "broken.cu does not compile for sm_90" in result.stderr and "undeclared" in result.stderr
