@@ -75,7 +75,8 @@ def _registry() -> dict[str, tuple[Impl, ...]]:
     for part in (_sdpa_impls(),
                  _optional("flash", "flash_attn", ("attention", "joint_attention")),
                  _optional("triton_ops", "triton", ("attention", "joint_attention", "layer_norm", "modulate",
-                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp")),
+                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp",
+                                                    "group_norm")),
                  _optional("native_ops", "native", ("group_norm",))):
         for op, impls in part.items():
             found[op] += impls
