@@ -198,3 +198,45 @@ def test_tensorrt_engine_generates_like_the_reference(tmp_path, dtype):
     assert torch.isfinite(got).all()
     # fp32: TensorRT may run fp32 matmuls in TF32, hence the absolute allowance.
     assert rel(got, exact) <= 2 * rel(lowp, exact) + (1e-3 if dtype == torch.float32 else 1e-2)
+
+
+# The fused VAE norm (native CUDA kernel and Triton) at CogVideoX decoder sizes: 512/256/128 channels,
+# 32 groups, 60x90 .. 480x720, frame chunks of 2-8, contiguous and channels_last_3d, bf16, with and
+# without the spatial modulation. FlashAttention's rule against the fp32 reference.
+VAE_NORM_SIZES = [(1, 512, 2, 60, 90), (1, 256, 4, 240, 360), (1, 128, 8, 480, 720)]
+
+
+def _vae_norm_backend(name):
+    if name == "triton":
+        from cvfast.ops import triton_ops
+        return triton_ops.group_norm
+    import shutil
+    from cvfast.ops import native_ops
+    if not native_ops.CUDA:
+        if shutil.which("nvcc"):
+            pytest.fail("nvcc is installed but cvfast._C was built without its CUDA kernels (see build/native/build.log)")
+        pytest.skip("cvfast._C was built without CUDA (no nvcc)")
+    return native_ops.group_norm
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("shape", VAE_NORM_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("spatial", [True, False], ids=["spatial_silu", "silu"])
+def test_vae_norm_at_decoder_sizes(backend, shape, channels_last, spatial):
+    group_norm = _vae_norm_backend(backend)
+    gen = torch.Generator(device="cuda").manual_seed(shape[1])
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    x = (rand(*shape) * 2 + rand(1, shape[1], 1, 1, 1)).to(torch.bfloat16).contiguous(memory_format=fmt)
+    w, b = (rand(shape[1]) * 0.5 + 1).bfloat16(), (rand(shape[1]) * 0.2).bfloat16()
+    scale = shift = None
+    if spatial:
+        scale = (rand(*shape) * 0.5 + 1).bfloat16().contiguous(memory_format=fmt)
+        shift = (rand(*shape) * 0.3).bfloat16().contiguous(memory_format=fmt)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    exact = reference.group_norm(f32(x), f32(w), f32(b), 32, 1e-6, f32(scale), f32(shift), silu=True)
+    own = (reference.group_norm(x, w, b, 32, 1e-6, scale, shift, silu=True).float() - exact).abs().max().item()
+    got = group_norm(x, w, b, 32, 1e-6, scale, shift, True)
+    assert torch.isfinite(got).all()
+    assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6

@@ -32,7 +32,7 @@ __all__ = ["Impl", "OpSet", "OP_NAMES", "BACKEND_CHOICES", "resolve", "alternati
 
 log = logging.getLogger("cvfast")
 
-BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn")
+BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn", "native")
 
 # backend="auto": preference per device type, fastest first; the reference always ends the list.
 # On CUDA, attention prefers FlashAttention, then PyTorch SDPA (measured at 59% of the H200's matmul
@@ -40,7 +40,7 @@ BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn")
 # speed has not been measured on a GPU yet; the memory-bound norms and residuals prefer Triton,
 # which fuses 3-6 PyTorch passes into one. Revise from the gpu benchmark suite.
 AUTO_ORDER = {
-    "cuda": ("flash_attn", "sdpa", "triton"),
+    "cuda": ("flash_attn", "sdpa", "native", "triton"),  # native: the VAE norms (csrc/), before Triton's
     "cpu": ("sdpa",),     # the CPU runs the reference with PyTorch SDPA; Triton only when asked
 }
 
@@ -75,7 +75,9 @@ def _registry() -> dict[str, tuple[Impl, ...]]:
     for part in (_sdpa_impls(),
                  _optional("flash", "flash_attn", ("attention", "joint_attention")),
                  _optional("triton_ops", "triton", ("attention", "joint_attention", "layer_norm", "modulate",
-                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp"))):
+                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp",
+                                                    "group_norm")),
+                 _optional("native_ops", "native", ("group_norm",))):
         for op, impls in part.items():
             found[op] += impls
     return {op: tuple(impls) for op, impls in found.items()}

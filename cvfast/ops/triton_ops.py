@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from ..kernels import attention as attention_kernel
 from ..kernels import gelu as gelu_kernel
+from ..kernels import group_norm as group_norm_kernel
 from ..kernels import norms as norms_kernel
 from ..kernels.common import INTERPRET
-from . import reference
+from . import reference, vae_norm
 from .dispatch import FLOAT_DTYPES, Impl
 
 Tensor = torch.Tensor
@@ -73,6 +74,18 @@ def _(x, bias):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("cvfast::group_norm", mutates_args=())
+def group_norm_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, scale: Tensor | None,
+                  shift: Tensor | None, silu: bool) -> Tensor:
+    x, weight, bias, scale, shift = vae_norm.prepare(x, weight, bias, scale, shift)
+    return group_norm_kernel.group_norm(x, weight, bias, groups, eps, scale, shift, silu)
+
+
+@group_norm_op.register_fake
+def _(x, weight, bias, groups, eps, scale, shift, silu):
+    return torch.empty_like(x, memory_format=vae_norm.layout(x))
+
+
 def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -106,6 +119,11 @@ def gated_residual(h: Tensor, y: Tensor, gate: Tensor, n_text: int) -> Tensor:
 
 def gated_residual_modulate(h, y, gate, weight, bias, shift, scale, n_text: int, eps: float):
     return residual_norm_op(h, y, gate, weight, bias, shift, scale, n_text, eps, True)
+
+
+def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, scale: Tensor | None = None,
+               shift: Tensor | None = None, silu: bool = False) -> Tensor:
+    return group_norm_op(x, weight, bias, groups, eps, scale, shift, silu)
 
 
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -193,6 +211,7 @@ IMPLS = {
     "gated_residual": _impl(gated_residual, _residual_why_not),
     "gated_residual_modulate": _impl(gated_residual_modulate, _residual_modulate_why_not),
     "gelu_mlp": _impl(gelu_mlp, None),
+    "group_norm": _impl(group_norm, vae_norm.why_not),
 }
 
 # The unfused variant, for the benchmarks to measure the fusion against: QK LayerNorm and RoPE in
