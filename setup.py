@@ -21,6 +21,14 @@ BUILD_DIR = ROOT / "build" / "native"  # kept between builds: a reinstall recomp
 ERROR_FILE = "_C_build_error.txt"
 
 
+
+def _replace(source: Path, dest: Path) -> None:
+    """Copy into place by renaming a complete copy over `dest`: a process that has the old module
+    loaded keeps its (unlinked) file, where copying over it in place would crash that process."""
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, dest)
+
 class CMakeBuild(build_ext):
     """Builds cvfast._C with CMake; a failure (or CVFAST_BUILD_EXT=0) leaves a pure-Python install."""
 
@@ -41,7 +49,7 @@ class CMakeBuild(build_ext):
             error_file.write_text(reason + "\n")
             target.unlink(missing_ok=True)
             return
-        shutil.copyfile(built, target)
+        _replace(built, target)
         error_file.unlink(missing_ok=True)
 
     def copy_extensions_to_source(self) -> None:
@@ -53,7 +61,7 @@ class CMakeBuild(build_ext):
             for name in (built.name, ERROR_FILE):
                 source, dest = built.parent / name, package_dir / name
                 if source.exists():
-                    shutil.copyfile(source, dest)
+                    _replace(source, dest)
                 else:
                     dest.unlink(missing_ok=True)
 

@@ -19,6 +19,7 @@ Op contracts (shapes in the reference's docstrings):
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 import torch
@@ -55,8 +56,8 @@ def _optional(module: str, backend: str, ops: tuple[str, ...]) -> dict[str, list
     """A backend's impls from `cvfast.ops.<module>`, or, when it fails to import, placeholders that
     say why (so asking for it names the import error instead of ignoring it)."""
     try:
-        mod = __import__(f"{__name__}.{module}", fromlist=["IMPLS"])
-        return {op: [impl] for op, impl in mod.IMPLS.items()}
+        impls = importlib.import_module(f"{__name__}.{module}").IMPLS
+        return {op: [impl] for op, impl in impls.items()}
     except Exception as exc:  # ImportError, or a compile/driver error raised at import
         reason = f"{backend} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         return {op: [Impl(backend, _unavailable(reason), unavailable=reason)] for op in ops}
