@@ -321,3 +321,10 @@ def test_cli_reports_a_bad_parallel_value(monkeypatch, capsys):
     from cvfast.cli import main
     assert main(["generate", "--prompt", "x", "--parallel", "cfg=3", "--out", "x.mp4"]) == 2
     assert "parallel='cfg=3' is not accepted" in capsys.readouterr().err
+
+
+def test_export_refuses_a_parallel_pipeline():
+    pipe = cvfast.load("tiny", device="cpu")
+    pipe.parallel = object()  # what load(parallel=...) sets; the check needs no process group
+    with pytest.raises(CVFastInputError, match="without parallel="):
+        cvfast.export_onnx(pipe, "unused", frames=9, height=64, width=96)
