@@ -549,6 +549,7 @@ class Pipeline:
 
     def _generate(self, req: _Request, seed: int | None, generator: torch.Generator | None,
                   latents: torch.Tensor | None, callback: Callable | None, progress: bool) -> GenerationResult | None:
+        """The work of a validated `generate` call (on a parallel pipeline, inside its failure scope)."""
         if generator is None:
             seed = random.randrange(2 ** 63) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
