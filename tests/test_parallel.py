@@ -328,3 +328,14 @@ def test_export_refuses_a_parallel_pipeline():
     pipe.parallel = object()  # what load(parallel=...) sets; the check needs no process group
     with pytest.raises(CVFastInputError, match="without parallel="):
         cvfast.export_onnx(pipe, "unused", frames=9, height=64, width=96)
+
+
+def test_cfg_parallel_refuses_guidance_without_cfg_before_any_work(monkeypatch):
+    from cvfast.parallel import ParallelContext
+    pipe = cvfast.load("tiny", device="cpu")
+    context = ParallelContext.__new__(ParallelContext)  # the checks need no process group
+    context.config = ParallelConfig(cfg=2)
+    pipe.parallel = context
+    monkeypatch.setattr(pipe, "encode_prompts", lambda *a: pytest.fail("work started"))
+    with pytest.raises(CVFastInputError, match="guidance_scale=1.0 is not accepted: > 1 with parallel='cfg=2,ulysses=1'"):
+        pipe.generate("x", guidance_scale=1.0, num_inference_steps=1)
