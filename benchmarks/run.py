@@ -4,7 +4,8 @@ Suites:
   default   (no arguments) the tiny model end to end plus small op cases: under a minute on a laptop CPU
   ops       each accelerated op and backend at CogVideoX sizes, against the device's measured ceilings
   e2e       text encoding, one step, the loop and the decode per backend; --baseline diffusers adds
-            diffusers' pipeline with the same weights, measured in the same run
+            diffusers' pipeline with the same weights, measured in the same run; --parallel cfg=C,ulysses=U
+            (under `torchrun --nproc-per-node C*U`) one rank against the job, in the same run
   roofline  FLOPs, bytes and time floors of a full forward, computed on meta tensors (runs nothing)
   gpu       the one command to run when a GPU is lent (see README, "Benchmarks")
 """
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--roofline-device", default="h100-sxm", help="a key of benchmarks/devices.json")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/latest-<suite>.json)")
+    p.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
+                   help="e2e only, under torchrun: the first backend on one rank and on the whole job")
     args = p.parse_args(argv)
     for name in ("frames", "height", "width", "steps"):
         value = getattr(args, name)
@@ -52,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [b for b in args.backends if b not in BACKEND_CHOICES]
     if bad:
         p.error(f"--backends: {bad} not among {BACKEND_CHOICES}")
+    if args.parallel is not None and (args.suite != "e2e" or args.baseline is not None):
+        p.error("--parallel: only with --suite e2e and without --baseline")
     return args
 
 
@@ -84,20 +89,28 @@ def run_suite(args: argparse.Namespace, device: torch.device) -> tuple[list[Row]
         from benchmarks.suite_ops import run_ops
         rows += run_ops(args.model, device, args.dtype, ceil, frames=args.frames, height=args.height,
                         width=args.width, backends=None)
-    if args.suite in ("default", "e2e"):
+    if args.parallel is not None:
+        from benchmarks.suite_e2e import run_e2e_parallel
+        rows += run_e2e_parallel(args.model, device, args.dtype, frames=args.frames, height=args.height,
+                                 width=args.width, steps=args.steps, backend=args.backends[0], parallel=args.parallel)
+    elif args.suite in ("default", "e2e"):
         from benchmarks.suite_e2e import run_e2e
         rows += run_e2e(args.model, device, args.dtype, frames=args.frames, height=args.height, width=args.width,
                         steps=args.steps, backends=args.backends, baseline=args.baseline)
     return rows, {}, ceil
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
+    if args.parallel is not None:
+        device = _start_distributed(device)
     args = defaults_for(args, device)
     rows, summary, ceil = run_suite(args, device)
+    if args.parallel is not None and torch.distributed.get_rank() != 0:
+        return None  # rank 0 reports
     out = Path(args.json or Path(__file__).parent / "results" / f"latest-{args.suite}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(suite=args.suite, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -116,6 +129,16 @@ def main(argv=None) -> Path:
         print(json.dumps(summary, indent=1, default=str))
     print(f"wrote {out}")
     return out
+
+
+def _start_distributed(device: torch.device) -> torch.device:
+    """--parallel: this rank's device, and torch.distributed started from torchrun's environment."""
+    from cvfast.parallel import rank_device
+    device = rank_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """`e2e` suite: text encoding, one denoising step, the denoising loop and the VAE decode, each timed
 separately, per cvfast backend and (with --baseline diffusers) through diffusers' pipeline holding
-the same weights, in the same run, so that every speed-up is a ratio measured side by side."""
+the same weights, in the same run, so that every speed-up is a ratio measured side by side.
+
+With --parallel (under torchrun: `torchrun --nproc-per-node N benchmarks/run.py --suite e2e
+--parallel cfg=2,...`) rank 0 first measures the stages on one rank while the others wait, then
+every rank measures them in parallel; the parallel rows carry the speed-up over one rank."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .harness import Row, measured_row
 from .models import build, diffusers_pipeline
@@ -20,11 +25,19 @@ def _stages_cvfast(pipe, size: dict, steps: int, seed: int):
     text = lambda: pipe.encode_text(PROMPT)  # noqa: E731
     embeds = text()
     kw.update(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1])
-    latents = pipe.generate(num_inference_steps=1, **kw).frames
+    latents = _frames(pipe.generate(num_inference_steps=1, **kw))
+    if pipe.parallel is not None:  # rank 0 alone got them, and every rank decodes
+        shared = [None if latents is None else latents.cpu()]  # unpickled on the CPU on every rank
+        dist.broadcast_object_list(shared, src=0)
+        latents = shared[0].to(pipe.device)
     return dict(text_encoding=text,
                 one_step=lambda: pipe.generate(num_inference_steps=1, **kw),
-                loop=lambda: pipe.generate(num_inference_steps=steps, **kw).frames,
+                loop=lambda: _frames(pipe.generate(num_inference_steps=steps, **kw)),
                 decode=lambda: pipe.decode(latents))
+
+
+def _frames(result):
+    return None if result is None else result.frames  # None: a parallel job's other ranks
 
 
 def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, device):
@@ -103,6 +116,37 @@ def run_e2e(model: str, device: torch.device, dtype: torch.dtype, *, frames: int
                 _stages_diffusers(ref, size, steps, seed, pipe.config.max_text_seq_length, device), model,
                 "diffusers", device, iters, case_size)
             rows += measured
+    _add_ratios(rows, finals)
+    return rows
+
+
+def run_e2e_parallel(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,
+                     steps: int, backend: str, parallel: str, iters: int = 3, seed: int = 0) -> list[Row]:
+    """The stages on one rank (rank 0, while the others wait), then on every rank of the job with
+    `parallel`, in the same run; the parallel rows get speedup_vs_<backend> (1 rank) and the loop
+    row the relative L2 distance of its latents from one rank's. Every rank returns the rows; rank
+    0's hold the timings it saw, which are the job's (its stages end with the others')."""
+    from cvfast import parallel as par
+    size = dict(num_frames=frames, height=height, width=width)
+    case_size = f"{frames}x{height}x{width}, {steps} steps, CFG"
+    single, parallel_label = f"{backend} (1 rank)", f"{backend} ({parallel})"
+    rows, finals = [], {}
+    if dist.get_rank() == 0:
+        pipe = build(model, device, dtype, backend)
+        rows, finals[single] = _measure(_stages_cvfast(pipe, size, steps, seed), model, single, device, iters,
+                                        case_size)
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dist.barrier()
+    pipe = build(model, device, dtype, backend)
+    config = par.parse(parallel)
+    par.check_launch(config, pipe.offload, pipe.cuda_graph)
+    par.check_model(config, pipe.config)
+    par.ParallelContext(config, device).attach(pipe)
+    measured, finals[parallel_label] = _measure(_stages_cvfast(pipe, size, steps, seed), model, parallel_label,
+                                                device, iters, case_size)
+    rows += measured
     _add_ratios(rows, finals)
     return rows
 

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .errors import CVFastInputError
+from .parallel import RankFailedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                           "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
     gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
+                     help="spread one video over the ranks of a torchrun job (torchrun --nproc-per-node C*U -m "
+                          "cvfast generate ...): CFG branches on C in {1, 2} ranks, video tokens over U ranks")
     _add_sat_arguments(gen)
     convert = sub.add_parser("convert-sat", help="write a SAT checkpoint directory as a diffusers-layout folder")
     convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
@@ -101,6 +105,13 @@ def _read_inputs(args) -> dict:
     return out
 
 
+def _end_distributed() -> None:
+    """Tear down the process group of a parallel run, so the process exits cleanly."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
@@ -122,10 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                           **_read_inputs(args), negative_prompt=args.negative_prompt,
                           num_frames=args.frames, height=args.height, width=args.width,
                           num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress)
+                          use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
+                          parallel=args.parallel)
     except CVFastInputError as exc:
         print(f"cvfast: error: {exc}", file=sys.stderr)
         return 2
+    except RankFailedError as exc:  # another rank's error; that rank prints its own traceback
+        print(f"cvfast: error: {exc}", file=sys.stderr)
+        return 1
+    _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
+    if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
+        return 0
     t = result.timings
     print(f"wrote {args.out} (seed {result.seed})")
     print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in t.items()))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel as par
 from .errors import CVFastInputError, bad_arg
 from .models.config import GENERATION_DEFAULTS, TransformerConfig
 from .models.text_encoder import TextEncoder
@@ -70,6 +71,12 @@ def _load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -
     return TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False))
 
 
+def check_parallel(parallel: par.ParallelConfig | None, cfg: TransformerConfig) -> None:
+    """The model-dependent parallel checks, before the weights load."""
+    if parallel is not None:
+        par.check_model(parallel, cfg)
+
+
 def family_defaults(cfg: TransformerConfig, spatial_factor: int) -> dict:
     defaults = dict(GENERATION_DEFAULTS["1.5" if cfg.patch_size_t is not None else "1.0"])
     if cfg.use_learned_positional_embeddings:  # only the size of its positional table works
@@ -79,10 +86,12 @@ def family_defaults(cfg: TransformerConfig, spatial_factor: int) -> dict:
 
 
 def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, ops: OpSet, allow_fp16: bool,
-                offload: str = "none", name: str | None = None, transformer_weights: bool = True) -> Pipeline:
+                offload: str = "none", name: str | None = None, parallel: par.ParallelConfig | None = None,
+                transformer_weights: bool = True) -> Pipeline:
     _read_json(folder / "model_index.json")
     t_cfg = TransformerConfig.from_dict(_read_json(folder / "transformer" / "config.json"))
     _check_fp16(dtype, t_cfg, allow_fp16)
+    check_parallel(parallel, t_cfg)
     v_cfg = VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"))
     s_cfg = SchedulerConfig.from_dict(_read_json(folder / "scheduler" / "scheduler_config.json"))
     transformer_tensors = (lambda: transformer_state_dict(read_tensors(folder / "transformer"))) \
@@ -127,7 +136,7 @@ def _download(repo_id: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
-         engine=None) -> Pipeline:
+         parallel=None, engine=None) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -140,13 +149,23 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     `cvfast/sampler/graph.py`). A SAT checkpoint directory (see `cvfast.sat_io`) also loads; base:
     the diffusers folder or hub id its text encoder, tokenizer and scheduler come from;
     trust_pickle=True unpickles its checkpoints without the allowlist, which runs code from the files.
+    parallel: None, or e.g. "cfg=2,ulysses=2" (or a `cvfast.parallel.ParallelConfig`) in a program
+    started by torchrun on cfg * ulysses ranks (see `cvfast.parallel`); a CUDA device without an
+    index becomes this rank's GPU (LOCAL_RANK). Checked before the weights load.
     backend="tensorrt" with engine=PATH (from `cvfast export tensorrt`): the denoiser runs from that
     engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
     loaded. An engine built for another model, size or precision is refused, naming which.
     """
+    config = par.parse(parallel)
+    if config is not None:
+        par.check_launch(config, offload, cuda_graph)
+        config = config if config.world_size > 1 else None  # cfg=1,ulysses=1: a single process
     dev = resolve_device(device)
     if backend == "tensorrt" or engine is not None:
+        if config is not None:
+            raise bad_arg("parallel", parallel, "None with backend='tensorrt' (an engine runs on one GPU)")
         return _load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
+    dev = par.rank_device(dev) if config is not None else dev
     dt = resolve_dtype(dtype, dev)
     ops = resolve(backend, dev)
     if offload not in OFFLOAD_CHOICES:
@@ -154,28 +173,32 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     check_cuda_graph(cuda_graph, dev, offload)
     if not isinstance(model, (str, Path)):
         raise bad_arg("model", model, "a folder path, a hub id like 'THUDM/CogVideoX-5b', or 'tiny'")
-    pipe = _load_model(model, dev, dt, ops, allow_fp16, offload, base, trust_pickle)
+    pipe = _load_model(model, dev, dt, ops, allow_fp16, offload, base, trust_pickle, config)
     pipe.cuda_graph = cuda_graph
+    if config is not None:
+        par.ParallelContext(config, dev).attach(pipe)
     return pipe
 
 
 def _load_model(model: str | Path, dev: torch.device, dt: torch.dtype, ops: OpSet, allow_fp16: bool,
-                offload: str, base, trust_pickle: bool) -> Pipeline:
+                offload: str, base, trust_pickle: bool, parallel: par.ParallelConfig | None) -> Pipeline:
     from .sat_io import is_sat_dir, load_sat
     path = Path(model).expanduser()
     if path.is_dir() and is_sat_dir(path):
-        return load_sat(path, base, trust_pickle, dev, dt, ops, allow_fp16, offload)
+        return load_sat(path, base, trust_pickle, dev, dt, ops, allow_fp16, offload, parallel)
     if base is not None:
         raise bad_arg("base", base, "None unless model is a SAT checkpoint directory (other models have their own "
                       "text encoder and scheduler)")
     if str(model) == "tiny":
-        from .tiny import build_tiny
+        from .tiny import TRANSFORMER, build_tiny
+        check_parallel(parallel, TRANSFORMER)
         return build_tiny(dev, dt, ops, offload)
     if path.is_dir():
-        return load_folder(path, dev, dt, ops, allow_fp16, offload)
+        return load_folder(path, dev, dt, ops, allow_fp16, offload, parallel=parallel)
     parts = str(model).split("/")
     if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
-        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, offload, name=str(model))
+        return load_folder(_download(str(model)), dev, dt, ops, allow_fp16, offload, name=str(model),
+                           parallel=parallel)
     raise bad_arg("model", str(model), "an existing folder, a hub id 'org/name', or 'tiny'")
 
 

@@ -133,6 +133,8 @@ class Pipeline:
         # generate()'s default for cuda_graph (load() sets it); the step graphs, made on first use.
         self.cuda_graph: bool | str = "auto"
         self.graphs: graph.GraphCache | None = None
+        # A `cvfast.parallel.ParallelContext` when load(parallel=...) spread this pipeline over ranks.
+        self.parallel = None
 
     @property
     def config(self) -> TransformerConfig:
@@ -341,6 +343,8 @@ class Pipeline:
                 raise bad_arg("latents", getattr(latents, "shape", latents), f"a tensor of shape {expected}")
         use_graph = graph.check_setting(self.cuda_graph if cuda_graph is None else cuda_graph, self.device,
                                         self.offload)
+        if self.parallel is not None:
+            self.parallel.check_request(text.guidance, use_graph)
         return _Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
                         image_noise_sigma, start, vae_tiling, use_graph)
 
@@ -451,11 +455,12 @@ class Pipeline:
         scales = [dynamic_guidance(req.guidance, t, run_steps) if req.dynamic_cfg else req.guidance
                   for t in plan.timesteps_host]
         shape = static_step.StepShape.of(latents, text, cond, 2 if req.guidance > 1.0 else 1, run_steps)
-        allocate = functools.partial(static_step.allocate, shape, plan.kind, self.transformer, self.device, self.dtype)
+        model = self.transformer if self.parallel is None else self.parallel.denoiser(self.transformer)
+        allocate = functools.partial(static_step.allocate, shape, plan.kind, model, self.device, self.dtype)
         entry = graphs.entry(shape, allocate) if graphs is not None else None
         buf = allocate() if entry is None else entry.buffers
         static_step.load(buf, latents, text, cond, plan, scales, lambda: self._randn(latents.shape, generator))
-        step = functools.partial(static_step.run_step, buf, self.transformer)
+        step = functools.partial(static_step.run_step, buf, model)
         run = step if entry is None else functools.partial(graphs.run_step, entry, step)
         steps = range(run_steps)
         if progress:
@@ -492,11 +497,16 @@ class Pipeline:
             return tiling
         return None
 
-    def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor:
-        """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped)."""
+    def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor | None:
+        """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped). In a parallel
+        job every rank calls it: the tiles are spread over the ranks (`cvfast.parallel.decode`) and
+        rank 0 gets the video, the others None."""
         self._use("vae")
         vae_dtype = next(self.vae.parameters()).dtype
         z = (latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor).to(vae_dtype)
+        if self.parallel is not None:
+            with self.parallel.scope():
+                return self.parallel.decode(self.vae, z, vae_tiling)
         _, _, frames, h, w = z.shape
         tiling = self._tiling(vae_tiling, lambda t: projected_decode_peak_bytes(
             self.vae.config, frames, h, w, vae_dtype, tiling=t, batch=z.shape[0]))
@@ -513,7 +523,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
                  vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
                  progress: bool = True, allow_untrained_size: bool = False,
-                 cuda_graph: bool | str | None = None) -> GenerationResult:
+                 cuda_graph: bool | str | None = None) -> GenerationResult | None:
         """Generate video(s) for `prompt`.
 
         image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
@@ -526,7 +536,9 @@ class Pipeline:
         overwritten by the next step (clone it to keep it). cuda_graph: False, True or "auto"
         (None: the pipeline's, from `load()`); True replays each step from a CUDA graph captured on
         the second call at a shape (`cvfast/sampler/graph.py`). Bad arguments raise
-        `CVFastInputError` before any work starts.
+        `CVFastInputError` before any work starts. In a parallel job (load(parallel=...)) every rank
+        calls it with the same arguments; rank 0's seed or generator state is every rank's, rank 0
+        alone shows progress, runs `callback` and returns the result, the other ranks return None.
         """
         req = self._validate(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                              negative_prompt_embeds=negative_prompt_embeds, image=image,
@@ -537,9 +549,21 @@ class Pipeline:
                              max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
                              output_type=output_type, allow_untrained_size=allow_untrained_size,
                              cuda_graph=cuda_graph)
+        if self.parallel is None:
+            return self._generate(req, seed, generator, latents, callback, progress)
+        with self.parallel.scope():
+            return self._generate(req, seed, generator, latents, callback, progress)
+
+    def _generate(self, req: _Request, seed: int | None, generator: torch.Generator | None,
+                  latents: torch.Tensor | None, callback: Callable | None, progress: bool) -> GenerationResult | None:
+        """The work of a validated `generate` call (on a parallel pipeline, inside its failure scope)."""
         if generator is None:
             seed = random.randrange(2 ** 63) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
+        main = self.parallel is None or self.parallel.is_main
+        if self.parallel is not None:
+            seed = self.parallel.same_randomness(seed, generator)
+            progress, callback = progress and main, callback if main else None
         stages = _StageMeter(self)
         with stages("text_encoding"):
             text = self.encode_prompts(req.text)
@@ -554,10 +578,12 @@ class Pipeline:
                                    self._graph_cache() if req.cuda_graph else None)
         fps = self.defaults["fps"]
         if req.output_type == "latent":
-            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks)
+            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks) if main else None
         with stages("decoding"):
             extra = self._extra_latent_frames(req.num_frames) if req.mode != "v2v" else 0
             video = self.decode(latents[:, extra:], req.vae_tiling)
+            if video is None:  # another rank of a parallel job has the video
+                return None
             video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
             if not torch.isfinite(video).all():
                 raise NonFiniteLatentsError(f"the VAE decode of {self.name} produced NaN/Inf in {self.dtype}; "

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CVFastInputError, bad_arg
-from .loading import _check_fp16, _download, _read_json, assemble
+from .loading import _check_fp16, _download, _read_json, assemble, check_parallel
 from .models import sat
 from .models.config import TransformerConfig
 from .models.lora import lora_deltas, read_lora
@@ -230,11 +230,13 @@ def _with_source(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tupl
 
 
 def load_sat(folder: Path, base, trust_pickle: bool, device: torch.device, dtype: torch.dtype, ops,
-             allow_fp16: bool, offload: str):
-    """A Pipeline from a SAT directory; a LoRA in its checkpoint is merged (unload_lora() removes it)."""
+             allow_fp16: bool, offload: str, parallel=None):
+    """A Pipeline from a SAT directory; a LoRA in its checkpoint is merged (unload_lora() removes it).
+    parallel: a `cvfast.parallel.ParallelConfig` to check against the model before the weights load."""
     ckpt = SatCheckpoint.open(folder)
     t_cfg = ckpt.transformer_config()
     _check_fp16(dtype, t_cfg, allow_fp16)
+    check_parallel(parallel, t_cfg)
     base_dir = resolve_base(base)
     vae_dict, scheduler_dict = _base_configs(ckpt, base_dir)
     v_cfg, s_cfg = VAEConfig.from_dict(vae_dict), SchedulerConfig.from_dict(scheduler_dict)

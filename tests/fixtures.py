@@ -473,6 +473,7 @@ def make_tiny_folder(
     tokenizer_json: bool = True,
     seed: int = 0,
     name: str | None = None,
+    transformer_overrides: dict | None = None,
 ) -> Path:
     """Write a complete tiny random CogVideoX folder under ``root`` and return its path.
 
@@ -483,6 +484,7 @@ def make_tiny_folder(
     shard_text_encoder: same for text_encoder (model.safetensors.index.json), as real folders ship.
     tokenizer_json: False -> real CogVideoX layout (spiece.model only; transformers 5 then
         needs protobuf to load it).
+    transformer_overrides: transformer config entries to change, e.g. {"num_attention_heads": 4}.
     Deterministic for a given (variant, seed); the folder is written atomically.
     """
     from diffusers import (
@@ -526,7 +528,7 @@ def make_tiny_folder(
             vae.to(vae_dtype).save_pretrained(str(tmp / "vae"), safe_serialization=True)
 
             # transformer
-            tcfg = transformer_config(variant)
+            tcfg = transformer_config(variant) | (transformer_overrides or {})
             tr = CogVideoXTransformer3DModel(**tcfg).eval()
             randomize_(tr, seed * 1000 + 3)
             if tcfg["use_learned_positional_embeddings"]:

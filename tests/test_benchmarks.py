@@ -16,6 +16,7 @@ from benchmarks import run  # noqa: E402
     (["--frames", "0"], "--frames=0"),
     (["--backends", "reference,warp"], "warp"),
     (["--model", "7b"], "invalid choice"),
+    (["--suite", "ops", "--parallel", "cfg=2"], "--parallel: only with --suite e2e"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -51,6 +52,27 @@ def test_e2e_with_diffusers_baseline_measures_both_with_ratios(tmp_path):
         assert ours["extra"]["speedup_vs_diffusers"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
     # Same weights and seed: diffusers' latents are cvfast's to fp32 rounding.
     assert rows[("tiny loop", "diffusers")]["extra"]["latents_rel_l2_vs_auto"] < 1e-5
+
+
+def test_e2e_parallel_under_torchrun_reports_the_speedup_over_one_rank(tmp_path):
+    """Two gloo ranks on the CPU: the plumbing and the ratios, not a speed claim (the ranks share
+    this machine's cores)."""
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "benchmarks" / "run.py"), "--suite", "e2e", "--parallel", "cfg=2", "--steps", "2",
+           "--backends", "auto", "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["case"], r["backend"]): r for r in load(out)["rows"]}
+    for stage in ("text_encoding", "one_step", "loop", "decode"):
+        one, job = rows[(f"tiny {stage}", "auto (1 rank)")], rows[(f"tiny {stage}", "auto (cfg=2)")]
+        assert job["extra"]["speedup_vs_auto (1 rank)"] == pytest.approx(one["median_ms"] / job["median_ms"])
+    # CFG branches on two ranks (batch 1 each) give one rank's latents to fp32 rounding.
+    assert rows[("tiny loop", "auto (cfg=2)")]["extra"]["latents_rel_l2_vs_auto (1 rank)"] < 1e-5
 
 
 def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):

@@ -224,6 +224,9 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
     external_data_threshold_bytes: weights larger than this go to `transformer.onnx.data`.
     Returns the path of the .onnx file.
     """
+    if pipe.parallel is not None:
+        raise bad_arg("pipe", pipe.name, "a pipeline loaded without parallel=...: the export traces one process's "
+                      "whole transformer, not a rank's share of it")
     frames, height, width, batch, dt, text_len = _check_args(pipe, frames, height, width, batch, dtype, text_len,
                                                              allow_untrained_size)
     if isinstance(external_data_threshold_bytes, bool) or not isinstance(external_data_threshold_bytes, int) \

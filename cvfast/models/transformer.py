@@ -85,6 +85,11 @@ class Block(nn.Module):
 class CogVideoXTransformer(nn.Module):
     """The denoiser. Call `position_tables` once per latent shape, then `forward` per step."""
 
+    # A `cvfast.parallel.ulysses.SequenceParallel` when the video tokens are split over ranks: it
+    # keeps this rank's tokens after the embedding, gathers them before unpatchify, and its
+    # attention wrapper sits in the blocks' OpSet.
+    sequence_parallel = None
+
     def __init__(self, cfg: TransformerConfig, ops: OpSet | None = None):
         super().__init__()
         self.cfg, self.ops = cfg, ops or OpSet()
@@ -158,6 +163,9 @@ class CogVideoXTransformer(nn.Module):
             video_tok = video_tok + pos[:, cfg.max_text_seq_length:]
         elif "sincos" in tables:
             video_tok = video_tok + tables["sincos"]
+        sequence = self.sequence_parallel
+        if sequence is not None:
+            video_tok = sequence.scatter(video_tok)
         # 3. The blocks, over one joint residual stream, text rows first.
         n_text = text_tok.shape[1]
         stream, pending = torch.cat((text_tok, video_tok), dim=1), None
@@ -170,4 +178,5 @@ class CogVideoXTransformer(nn.Module):
         shift, scale = self.out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=2)
         video_tok = self.ops.modulate(video_tok, self.out_norm.weight, self.out_norm.bias, shift, scale, 0,
                                       cfg.norm_eps)
-        return self._unpatchify(self.proj_out(video_tok), f, h, w)
+        patches = self.proj_out(video_tok)
+        return self._unpatchify(patches if sequence is None else sequence.gather(patches), f, h, w)

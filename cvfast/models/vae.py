@@ -572,10 +572,12 @@ class CogVideoXVAE(nn.Module):
             raise RuntimeError(f"{at} frames written into {tuple(out.shape)}")
 
     def _run(self, x: torch.Tensor, *, decode: bool, frame_batch: int, tiling: Tiling | None,
-             sample_batch: int) -> torch.Tensor:
+             sample_batch: int, tiles: Callable | None = None) -> torch.Tensor:
         """The shared driver of `decode` and `encode`: batch groups of `sample_batch` videos, each
         optionally split into spatial tiles, each tile (or the whole frame) processed frame chunk by
-        frame chunk with its own conv cache. The output is allocated once, at its final size."""
+        frame chunk with its own conv cache. The output is allocated once, at its final size.
+        `tiles`: what runs and assembles the tiles, `run_tiled`'s contract (default `run_tiled`;
+        `cvfast.parallel.decode` spreads them over ranks)."""
         for name, value in (("frame_batch", frame_batch), ("sample_batch", sample_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive int")
@@ -611,12 +613,12 @@ class CogVideoXVAE(nn.Module):
                                            grid.out_len(tile.shape[3]), grid.out_len(tile.shape[4])))
                 self._run_frames(tile, chunk_fn, frame_batch, tile_out)
                 return tile_out
-            run_tiled(part, grid, run_tile, target)
+            (tiles or run_tiled)(part, grid, run_tile, target)
         return out
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, frame_batch: int = LATENT_FRAME_BATCH, tiling: Tiling | None = None,
-               sample_batch: int = 1) -> torch.Tensor:
+               sample_batch: int = 1, tiles: Callable | None = None) -> torch.Tensor:
         """z: (batch, latent_channels, latent_frames, h, w), already divided by the scaling factor ->
         video (batch, out_channels, frames, h * spatial_factor, w * spatial_factor), roughly in [-1, 1],
         not clamped. frames = 4 * latent_frames - 3 for odd latent_frames (13 -> 49); even counts put
@@ -629,8 +631,10 @@ class CogVideoXVAE(nn.Module):
         semantics); only when the latent is larger than one tile. Not equal to an untiled decode: see
         tests/test_vae_tiling.py for the size of the difference.
         sample_batch: videos decoded at a time; a larger batch goes through in groups of this many
-        (nothing mixes batch elements, so the result is the same, only the peak memory changes)."""
-        return self._run(z, decode=True, frame_batch=frame_batch, tiling=tiling, sample_batch=sample_batch)
+        (nothing mixes batch elements, so the result is the same, only the peak memory changes).
+        tiles: runs and blends the tiles (`_run`; the parallel decode passes its own)."""
+        return self._run(z, decode=True, frame_batch=frame_batch, tiling=tiling, sample_batch=sample_batch,
+                         tiles=tiles)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, *, frame_batch: int = SAMPLE_FRAME_BATCH, tiling: Tiling | None = None,
