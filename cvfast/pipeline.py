@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import random
 import time
@@ -28,6 +29,7 @@ from .models.vae_memory import (choose_tiling, free_device_bytes, projected_deco
 from .ops import OpSet
 from .sampler import graph, schedulers, static_step
 
+log = logging.getLogger("cvfast")
 OUTPUT_TYPES = ("np", "pt", "latent")
 OFFLOAD_CHOICES = ("none", "model")
 # CogVideoX1.5-I2V was trained at a short side of 768 and a long side of 768..1360 (THUDM model card).
@@ -327,6 +329,10 @@ class Pipeline:
             raise bad_arg("output_type", output_type, f"one of {OUTPUT_TYPES}")
         if vae_tiling not in ("auto", True, False):
             raise bad_arg("vae_tiling", vae_tiling, "'auto', True or False")
+        if vae_tiling is True and not self._tiling_keeps_size(mode, num_frames, height, width):
+            raise bad_arg("vae_tiling", True, f"False or 'auto' at {height}x{width} for this VAE: its tiles (half "
+                          "its sample size, diffusers' defaults) do not fit this size exactly and would change the "
+                          "output size (see Tiling.exact_for)")
         if seed is not None and generator is not None:
             raise bad_arg("seed", seed, "None when `generator` is given: pass one or the other")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -415,8 +421,9 @@ class Pipeline:
             noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=vae_dtype)
             x = x + sigma * noise.to(self.device)
         _, _, frames, height, width = x.shape
+        keeps = Tiling.for_vae(self.vae.config).keeps_size(self.vae.config.spatial_factor, height, width, decode=False)
         tiling = self._tiling(req.vae_tiling, lambda t: projected_encode_peak_bytes(
-            self.vae.config, frames, height, width, vae_dtype, tiling=t))
+            self.vae.config, frames, height, width, vae_dtype, tiling=t), keeps)
         mean, logvar = self.vae.encode(x, tiling=tiling)
         z = self.vae.sample_posterior(mean, logvar, generator)
         return z.to(self.dtype).permute(0, 2, 1, 3, 4)
@@ -486,16 +493,31 @@ class Pipeline:
             self.graphs = graph.GraphCache(functools.partial(graph.capture_cuda, device=self.device))
         return self.graphs
 
-    def _tiling(self, vae_tiling: bool | str, projected_peak: Callable[[Tiling | None], int]) -> Tiling | None:
+    def _tiling_keeps_size(self, mode: str, num_frames: int, height: int, width: int) -> bool:
+        """Whether tiling this call's decode (and encode, with an image or video) keeps its size."""
+        tiling, f = Tiling.for_vae(self.vae.config), self.vae.config.spatial_factor
+        _, _, lh, lw = self._latent_shape(num_frames, height, width)
+        return tiling.keeps_size(f, lh, lw, decode=True) and (
+            mode == "t2v" or tiling.keeps_size(f, height, width, decode=False))
+
+    def _tiling(self, vae_tiling: bool | str, projected_peak: Callable[[Tiling | None], int],
+                keeps_size: bool = True) -> Tiling | None:
         """The VAE's spatial tiling for one call: True/False as asked; "auto" tiles exactly when the
         projected peak of the untiled call does not fit in what the device has free (read after the
-        other components were offloaded)."""
+        other components were offloaded), and the tiles keep the output size (else it runs untiled,
+        with one warning line)."""
         if vae_tiling is False:
             return None
         tiling = Tiling.for_vae(self.vae.config)
-        if vae_tiling is True or choose_tiling(projected_peak(None), free_device_bytes(self.device)):
+        if vae_tiling is True:
             return tiling
-        return None
+        if not choose_tiling(projected_peak(None), free_device_bytes(self.device)):
+            return None
+        if not keeps_size:
+            log.warning("cvfast: the VAE would need tiling to fit in memory, but its tiles do not fit this size "
+                        "exactly (they would change the output size); running untiled")
+            return None
+        return tiling
 
     def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor | None:
         """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped). In a parallel
@@ -508,8 +530,9 @@ class Pipeline:
             with self.parallel.scope():
                 return self.parallel.decode(self.vae, z, vae_tiling)
         _, _, frames, h, w = z.shape
+        keeps = Tiling.for_vae(self.vae.config).keeps_size(self.vae.config.spatial_factor, h, w, decode=True)
         tiling = self._tiling(vae_tiling, lambda t: projected_decode_peak_bytes(
-            self.vae.config, frames, h, w, vae_dtype, tiling=t, batch=z.shape[0]))
+            self.vae.config, frames, h, w, vae_dtype, tiling=t, batch=z.shape[0]), keeps)
         return self.vae.decode(z, tiling=tiling)
 
     # -- the public call ----------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Image-to-video and video-to-video against diffusers' pipelines (same folder, prompt and seed,
 fp32 on the CPU; the bar is a relative L2 error of 5e-5), and their input validation."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -138,7 +140,7 @@ def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):
         cvfast.load("tiny", offload="disk")
 
 
-def test_auto_tiling_follows_the_memory_projection(monkeypatch):
+def test_auto_tiling_follows_the_memory_projection(monkeypatch, caplog):
     """vae_tiling="auto" tiles exactly when the projected untiled peak exceeds 0.9 x the free memory."""
     import cvfast.pipeline as pipeline_module
     from cvfast.models.vae_memory import projected_decode_peak_bytes
@@ -149,6 +151,8 @@ def test_auto_tiling_follows_the_memory_projection(monkeypatch):
     seen = []
     real_decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, tiling=None, **kw: seen.append(tiling) or real_decode(z, tiling=None))
+    # The tiny VAE's tiles never fit exactly; pretend they do to see the memory rule alone.
+    monkeypatch.setattr(pipeline_module.Tiling, "keeps_size", lambda *args, **kwargs: True)
     for free, tiled in ((int(projected / 0.9) + 2, False), (int(projected / 0.9) - 2, True)):
         monkeypatch.setattr(pipeline_module, "free_device_bytes", lambda device, free=free: free)
         pipe.decode(latents, "auto")
@@ -156,3 +160,19 @@ def test_auto_tiling_follows_the_memory_projection(monkeypatch):
     pipe.decode(latents, False)
     pipe.decode(latents, True)
     assert seen[-2] is None and seen[-1] is not None
+    # With tiles that would change the size, "auto" runs untiled and says so in one line.
+    monkeypatch.undo()
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, tiling=None, **kw: seen.append(tiling) or real_decode(z, tiling=None))
+    monkeypatch.setattr(pipeline_module, "free_device_bytes", lambda device: int(projected / 0.9) - 2)
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        pipe.decode(latents, "auto")
+    assert seen[-1] is None and len(caplog.records) == 1 and "running untiled" in caplog.records[0].getMessage()
+
+
+def test_tiling_that_would_change_the_size_is_refused_before_any_work():
+    """The tiny VAE's default tiles (32x48 px) do not fit 64x96 exactly: a tiled encode would return a
+    latent of the wrong size (diffusers' quirk), so vae_tiling=True is refused up front."""
+    pipe = cvfast.load(tiny_folder("5b-i2v"), device="cpu")
+    with pytest.raises(cvfast.CVFastInputError, match="vae_tiling=True.*64x96"):
+        pipe.generate("a cat", image=pil(smooth_frame(64, 96)), num_frames=9, height=64, width=96,
+                      vae_tiling=True, progress=False, max_sequence_length=16)

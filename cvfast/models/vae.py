@@ -189,6 +189,14 @@ class Tiling:
         return TileGrid(tile_in, stride, blend, tuple(t - b for t, b in zip(tile_out, blend)),
                         f if decode else 1, 1 if decode else f)
 
+    def keeps_size(self, spatial_factor: int, height: int, width: int, *, decode: bool) -> bool:
+        """Whether a tiled decode (latent height x width) or encode (pixels) of this input returns the
+        untiled call's size: always when one tile covers it, else when the grid is exact for it."""
+        grid = self.grid(spatial_factor, decode=decode)
+        if not grid.applies(height, width):
+            return True
+        return (grid.output_len(height, 0), grid.output_len(width, 1)) == (grid.out_len(height), grid.out_len(width))
+
     def exact_for(self, spatial_factor: int) -> bool:
         """Whether tiled output has the same height and width as untiled output, for decode and
         encode. It does when each tile's kept part (tile - blend, output units) equals the stride in
