@@ -161,6 +161,10 @@ class OpSet:
             return ops[name]
         raise AttributeError(name)
 
+    def planned(self, op: str) -> str:
+        """The backend `op` tries first: the one every call takes unless it refuses the input."""
+        return self._ops[op].candidates[0].backend
+
     def names(self) -> dict[str, str]:
         """{op: backend}; an op that used several backends (for different inputs) lists them joined by '+'."""
         return {op: "+".join(d.backends()) for op, d in self._ops.items()}

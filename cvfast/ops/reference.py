@@ -126,17 +126,18 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
 
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  past: torch.Tensor | None) -> torch.Tensor:
+                  past: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Causal 3D convolution, stride 1: `past` (the last kt-1 input frames of the previous chunk) or,
     for the first chunk, kt-1 copies of the first frame are prepended in time; height and width are
-    zero-padded by (k-1)/2.
+    zero-padded by (k-1)/2. Then `+ residual` when given (the resnet's skip connection).
 
     x: (batch, c_in, frames, h, w); weight: (c_out, c_in, kt, kh, kw); past: (batch, c_in, kt-1, h, w)
-    or None -> (batch, c_out, frames, h, w).
+    or None; residual: the output's shape or None -> (batch, c_out, frames, h, w).
     """
     kt, kh, kw = weight.shape[2:]
     if kt > 1:
         if past is None:
             past = x[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
         x = torch.cat((past, x), dim=2)
-    return F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
+    out = F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
+    return out if residual is None else out + residual
