@@ -71,6 +71,10 @@ def _cases(sz: dict, device: torch.device, dtype: torch.dtype):
     shape = sz["vae_shape"]
     yield ("group_norm", f"spatial group_norm+silu {'x'.join(map(str, shape))}",
            lambda: (rnd(*shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(*shape), rnd(*shape), True))
+    z_shape = (shape[0], 16, 2, shape[3] // 8, shape[4] // 8)  # the latent chunk the spatial norm resizes
+    yield ("spatial_norm", f"spatial_norm+silu {'x'.join(map(str, shape))}",
+           lambda: (rnd(*shape), rnd(*z_shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(shape[1], 16, 1, 1, 1),
+                    rnd(shape[1]), rnd(shape[1], 16, 1, 1, 1), rnd(shape[1]), True))
     c = sz["vae_c"]
     # Contiguous, and channels-last 3D (the fast VAE path's layout): cuDNN (the reference's conv3d)
     # and the Triton implicit GEMM are measured on both; the comparison is what decides

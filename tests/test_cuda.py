@@ -283,3 +283,29 @@ def test_fast_vae_decode_with_tiling_and_frame_batches():
         videos[backend] = pipe.vae.decode(z, tiling=tiling)
     assert pipe.backends()["causal_conv3d"] == "triton"
     assert rel(videos["triton"], videos["reference"]) < 1e-4
+
+
+# The fused spatial norm at decoder sizes (bf16): 512 channels at the 60x90 latent size, 256 at
+# 240x360 (8 frames from 2 latent frames), 128 at 480x720 (9 frames from 3: the lone first frame).
+SPATIAL_NORM_SIZES = [((1, 512, 2, 60, 90), 2), ((1, 256, 8, 240, 360), 2), ((1, 128, 9, 480, 720), 3)]
+
+
+@pytest.mark.parametrize("shape,latent_frames", SPATIAL_NORM_SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_triton_spatial_norm_at_decoder_sizes(shape, latent_frames, channels_last):
+    triton_ops = _triton()
+    gen = torch.Generator(device="cuda").manual_seed(shape[1])
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    c = shape[1]
+    f = (rand(*shape) * 2 + rand(1, c, 1, 1, 1)).bfloat16().contiguous(memory_format=fmt)
+    z = rand(1, 16, latent_frames, 60, 90).bfloat16().contiguous(memory_format=fmt)
+    params = [rand(c) * 0.5 + 1, rand(c) * 0.2, rand(c, 16, 1, 1, 1) * 0.3, rand(c) + 1, rand(c, 16, 1, 1, 1) * 0.3,
+              rand(c) * 0.3]
+    args = (f, z, *params[:2], 32, 1e-6, *params[2:], True)
+    args = tuple(a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args)
+    exact = reference.spatial_norm(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+    own = (reference.spatial_norm(*args).float() - exact).abs().max().item()
+    got = triton_ops.spatial_norm(*args)
+    assert torch.isfinite(got).all() and got.is_contiguous(memory_format=fmt)
+    assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6

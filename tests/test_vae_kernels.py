@@ -1,5 +1,5 @@
-"""The Triton causal conv3d against reference.causal_conv3d, and the fast (Triton) VAE decode against
-the reference decode.
+"""The Triton causal conv3d and fused spatial norm against reference.causal_conv3d and
+reference.spatial_norm, and the fast (Triton) VAE decode against the reference decode.
 
 Under TRITON_INTERPRET=1 on the CPU (conftest.py): tiny odd sizes (channels 5 and 13, not a multiple
 of any block; H x W 7x9 and 10x13; frame counts 1, 2 and 3 with and without a conv cache; kernels
@@ -19,6 +19,7 @@ from tests.test_vae_norm import DEVICE, LAYOUTS, check
 
 triton_ops = pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
 from cvfast.kernels import causal_conv3d as conv_kernel  # noqa: E402
+from cvfast.kernels import spatial_norm as spatial_norm_kernel  # noqa: E402
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -26,8 +27,9 @@ CHANNELS_LAST = torch.channels_last_3d
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output starts as NaN."""
-    monkeypatch.setattr(conv_kernel, "new_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    for module in (conv_kernel, spatial_norm_kernel):
+        monkeypatch.setattr(module, "new_output",
+                            lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 def conv_inputs(batch, c_in, c_out, frames, size, kernel, cached, dtype, layout, seed):
@@ -120,14 +122,47 @@ def test_causal_conv3d_fake_and_opcheck():
     torch.library.opcheck(torch.ops.cvfast.causal_conv3d.default, (x, weight, bias, past, None))
 
 
+# -- the fused spatial norm -------------------------------------------------------------------------
+
+# (f: batch, channels, frames, height, width), (z: channels, frames, height, width), groups. Frame
+# counts as the decoder has them (9 from 3 latent frames: the first alone; 8 from 2; 5 from 3; 1
+# from 1), spatial factors 8, 2 and 1, and 10 rows from 3 (a ratio that is no power of two: PyTorch's
+# fp32 nearest rule).
+SPATIAL_CASES = [((1, 12, 9, 16, 24), (4, 3, 2, 3), 4), ((2, 20, 8, 10, 13), (5, 2, 3, 13), 4),
+                 ((1, 12, 5, 7, 9), (16, 3, 7, 9), 2), ((1, 10, 1, 6, 8), (4, 1, 3, 4), 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("f_shape,z_shape,groups", SPATIAL_CASES, ids=lambda v: "x".join(map(str, v))
+                         if isinstance(v, tuple) else str(v))
+def test_spatial_norm_matches_reference(poisoned, dtype, layout, f_shape, z_shape, groups):
+    gen = torch.Generator().manual_seed(sum(f_shape))
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    channels, z_channels = f_shape[1], z_shape[0]
+    f = (rand(*f_shape) * 2 + rand(1, channels, 1, 1, 1)).to(DEVICE, dtype).contiguous(memory_format=layout)
+    # z channels-last when f is contiguous and the reverse: z is read through its strides
+    z_layout = CHANNELS_LAST if layout == torch.contiguous_format else torch.contiguous_format
+    z = rand(f_shape[0], *z_shape).to(DEVICE, dtype).contiguous(memory_format=z_layout)
+    params = [rand(channels) * 0.5 + 1, rand(channels) * 0.2, rand(channels, z_channels, 1, 1, 1) * 0.5,
+              rand(channels) * 0.3 + 1, rand(channels, z_channels, 1, 1, 1) * 0.5, rand(channels) * 0.3]
+    w, b, yw, yb, bw, bb = (p.to(DEVICE, dtype) for p in params)
+    args = (f, z, w, b, groups, 1e-6, yw, yb, bw, bb, True)
+    got = triton_ops.spatial_norm(*args)
+    exact = reference.spatial_norm(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+    check(got, exact, reference.spatial_norm(*args))
+    assert got.is_contiguous(memory_format=layout)
+
+
 # -- the fast VAE decode --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant,latent_frames,frame_batch", [("2b", 2, 1), ("1.5", 4, 2)],
-                         ids=["2b-chunks-of-1", "1.5-chunks-of-2"])
+@pytest.mark.parametrize("variant,latent_frames,frame_batch", [("2b", 2, 1), ("1.5", 3, 2)],
+                         ids=["2b-chunks-of-1", "1.5-one-chunk-of-3"])
 def test_fast_vae_decode_matches_reference(variant, latent_frames, frame_batch):
-    """fp32: the decode through the Triton group norms and causal convs (channels-last from the first
-    conv to the last) equals the reference decode. Chunks of 1 latent frame carry a conv cache built
-    from a chunk shorter than the cache; chunks of 2 one built from a full chunk."""
+    """fp32: the decode through the Triton norms, spatial norms and causal convs (channels-last from
+    the first conv to the last) equals the reference decode. Chunks of 1 latent frame carry a conv
+    cache built from a chunk shorter than the cache; a chunk of 3 has odd frame counts at every level
+    (the lone first frame of the time upsamplers and of the spatial norm's latent resize)."""
     import cvfast
     from tests.fixtures import tiny_folder
     folder = tiny_folder(variant)
@@ -137,7 +172,7 @@ def test_fast_vae_decode_matches_reference(variant, latent_frames, frame_batch):
         pipe = cvfast.load(folder, device=DEVICE, dtype=torch.float32, backend=backend)
         videos[backend] = pipe.vae.decode(z, frame_batch=frame_batch)
     used = pipe.backends()
-    assert used["group_norm"] == used["causal_conv3d"] == "triton", used
+    assert used["group_norm"] == used["causal_conv3d"] == used["spatial_norm"] == "triton", used
     fast, ref = videos["triton"].double(), videos["reference"].double()
     assert torch.isfinite(fast).all()
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-4

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import OpSet
+from ..ops import OpSet, reference
 from ..ops.vae_norm import layout
 
 logger = logging.getLogger("cvfast")
@@ -332,18 +332,6 @@ class CausalConv3d(nn.Module):
         return out
 
 
-def _resize_latent(z: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Nearest-resize z (b, c, t, h, w) to size (T, H, W). When T is odd and > 1 the first frame is
-    resized on its own and the rest to T-1 frames: the first latent frame stands for one video frame,
-    each later one for several, and a plain resize would smear frame 0 over its neighbours."""
-    frames = size[0]
-    if frames > 1 and frames % 2 == 1:
-        first = F.interpolate(z[:, :, :1], size=(1, *size[1:]))
-        rest = F.interpolate(z[:, :, 1:], size=(frames - 1, *size[1:]))
-        return torch.cat((first, rest), dim=2)
-    return F.interpolate(z, size=tuple(size))
-
-
 class SpatialNorm3D(nn.Module):
     """SiLU(GroupNorm(f) * conv_y(z) + conv_b(z)), z the latent resized to f's frames and pixels.
     GroupNorm eps is 1e-6 whatever the config says (as in diffusers)."""
@@ -357,10 +345,14 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """f: (b, c, T, H, W), z: (b, z_channels, t, h, w) -> (b, c, T, H, W)."""
-        z = _resize_latent(z, f.shape[-3:])
-        # kernel-1 convs: nothing to cache
-        scale, shift = self.conv_y(z, {}, {}), self.conv_b(z, {}, {})
-        n = self.norm_layer
+        n, y, b = self.norm_layer, self.conv_y.conv, self.conv_b.conv
+        if self.ops.planned("spatial_norm") != "reference":  # one fused kernel: zq is never written
+            return self.ops.spatial_norm(f, z, n.weight, n.bias, n.num_groups, n.eps, y.weight, y.bias, b.weight,
+                                         b.bias, True)
+        # Composed from the op set (a fused group_norm of another backend, if any): the resized latent
+        # and the two 1x1x1 conv outputs are written. Kernel-1 convs: nothing to cache.
+        zq = reference.resize_latent(z, f.shape[-3:])
+        scale, shift = self.conv_y(zq, {}, {}), self.conv_b(zq, {}, {})
         return self.ops.group_norm(f, n.weight, n.bias, n.num_groups, n.eps, scale=scale, shift=shift, silu=True)
 
 

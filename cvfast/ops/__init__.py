@@ -14,7 +14,7 @@ Op contracts (shapes in the reference's docstrings):
   gated_residual(h, y, gate, n_text)                        h + gate * y
   gated_residual_modulate(h, y, gate, w, b, shift, scale, n_text, eps) -> (h', modulate(h'))
   gelu_mlp(x, w1, b1, w2, b2)                               Linear -> GELU(tanh) -> Linear
-  rope, layer_norm, group_norm, causal_conv3d               see reference.py
+  rope, layer_norm, group_norm, causal_conv3d, spatial_norm see reference.py
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _registry() -> dict[str, tuple[Impl, ...]]:
                  _optional("flash", "flash_attn", ("attention", "joint_attention")),
                  _optional("triton_ops", "triton", ("attention", "joint_attention", "layer_norm", "modulate",
                                                     "gated_residual", "gated_residual_modulate", "gelu_mlp",
-                                                    "group_norm", "causal_conv3d")),
+                                                    "group_norm", "causal_conv3d", "spatial_norm")),
                  _optional("native_ops", "native", ("group_norm",))):
         for op, impls in part.items():
             found[op] += impls

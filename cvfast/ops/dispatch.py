@@ -17,7 +17,7 @@ log = logging.getLogger("cvfast")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OP_NAMES = ("attention", "joint_attention", "rope", "layer_norm", "modulate", "gated_residual",
-            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d")
+            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d", "spatial_norm")
 
 
 @dataclass(frozen=True)

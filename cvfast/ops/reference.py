@@ -141,3 +141,29 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x = torch.cat((past, x), dim=2)
     out = F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
     return out if residual is None else out + residual
+
+
+def resize_latent(z: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-resize z (b, c, t, h, w) to size (T, H, W). When T is odd and > 1 the first frame is
+    resized on its own and the rest to T-1 frames: the first latent frame stands for one video frame,
+    each later one for several, and a plain resize would smear frame 0 over its neighbours."""
+    frames = size[0]
+    if frames > 1 and frames % 2 == 1:
+        first = F.interpolate(z[:, :, :1], size=(1, *size[1:]))
+        rest = F.interpolate(z[:, :, 1:], size=(frames - 1, *size[1:]))
+        return torch.cat((first, rest), dim=2)
+    return F.interpolate(z, size=tuple(size))
+
+
+def spatial_norm(f: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 eps: float, y_weight: torch.Tensor, y_bias: torch.Tensor, b_weight: torch.Tensor,
+                 b_bias: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """The VAE decoder's spatial norm: GroupNorm(f) * conv_y(zq) + conv_b(zq) (then SiLU), zq the
+    latent z nearest-resized to f's frames x height x width (`resize_latent`), conv_y / conv_b 1x1x1.
+
+    f: (batch, channels, T, H, W); z: (batch, z_channels, t, h, w); y_weight, b_weight:
+    (channels, z_channels, 1, 1, 1); y_bias, b_bias: (channels,) -> f's shape.
+    """
+    zq = resize_latent(z, f.shape[-3:])
+    scale, shift = causal_conv3d(zq, y_weight, y_bias, None), causal_conv3d(zq, b_weight, b_bias, None)
+    return group_norm(f, weight, bias, groups, eps, scale, shift, silu)

@@ -18,6 +18,7 @@ from ..kernels import causal_conv3d as conv_kernel
 from ..kernels import gelu as gelu_kernel
 from ..kernels import group_norm as group_norm_kernel
 from ..kernels import norms as norms_kernel
+from ..kernels import spatial_norm as spatial_norm_kernel
 from ..kernels.common import INTERPRET
 from . import reference, vae_norm
 from .dispatch import FLOAT_DTYPES, Impl
@@ -101,6 +102,22 @@ def _(x, weight, bias, past, residual):
     return x.new_empty(shape).contiguous(memory_format=vae_norm.layout(x))
 
 
+@torch.library.custom_op("cvfast::spatial_norm", mutates_args=())
+def spatial_norm_op(f: Tensor, z: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, y_weight: Tensor,
+                    y_bias: Tensor, b_weight: Tensor, b_bias: Tensor, silu: bool) -> Tensor:
+    fmt = vae_norm.layout(f)
+    as_matrix = lambda w: w.reshape(w.shape[0], -1).contiguous()  # noqa: E731  (C, z_channels, 1, 1, 1)
+    return spatial_norm_kernel.spatial_norm(f.contiguous(memory_format=fmt), z, weight.contiguous(), bias.contiguous(),
+                                            groups, eps, as_matrix(y_weight), y_bias.contiguous(),
+                                            as_matrix(b_weight), b_bias.contiguous(), silu,
+                                            channels_last=fmt == torch.channels_last_3d)
+
+
+@spatial_norm_op.register_fake
+def _(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu):
+    return torch.empty_like(f, memory_format=vae_norm.layout(f))
+
+
 def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -144,6 +161,11 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
 def causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None,
                   residual: Tensor | None = None) -> Tensor:
     return causal_conv3d_op(x, weight, bias, past, residual)
+
+
+def spatial_norm(f: Tensor, z: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, y_weight: Tensor,
+                 y_bias: Tensor, b_weight: Tensor, b_bias: Tensor, silu: bool = True) -> Tensor:
+    return spatial_norm_op(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu)
 
 
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -240,6 +262,21 @@ def _conv_why_not(x, weight, bias, past, residual=None) -> list[str]:
     return reasons
 
 
+def _spatial_norm_why_not(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu=True) -> list[str]:
+    reasons = vae_norm.why_not(f, weight, bias, groups, eps)
+    if reasons or z.dim() != 5 or z.shape[0] != f.shape[0]:
+        return reasons or [f"expects z (batch, z_channels, frames, height, width) with f's batch, got {tuple(z.shape)}"]
+    conv = (f.shape[1], z.shape[1], 1, 1, 1)
+    if any(w is None or tuple(w.shape) != conv for w in (y_weight, b_weight)) or \
+            any(v is None or tuple(v.shape) != conv[:1] for v in (y_bias, b_bias)):
+        reasons.append(f"conv_y/conv_b must be 1x1x1 convs {conv} with ({f.shape[1]},) biases")
+    elif any(t.dtype != f.dtype for t in (z, y_weight, y_bias, b_weight, b_bias)):
+        reasons.append(f"z and the conv parameters must have f's dtype {f.dtype}")
+    if f.shape[2] > 1 and f.shape[2] % 2 == 1 and z.shape[2] < 2:
+        reasons.append(f"{f.shape[2]} frames (odd) need at least 2 latent frames, got {z.shape[2]}")
+    return reasons
+
+
 def _impl(fn, why_not) -> Impl:
     devices = ("cuda", "cpu") if INTERPRET else ("cuda",)
     return Impl("triton", fn, devices=devices, dtypes=FLOAT_DTYPES, min_capability=(8, 0), why_not=why_not,
@@ -256,6 +293,7 @@ IMPLS = {
     "gelu_mlp": _impl(gelu_mlp, None),
     "group_norm": _impl(group_norm, vae_norm.why_not),
     "causal_conv3d": _impl(causal_conv3d, _conv_why_not),
+    "spatial_norm": _impl(spatial_norm, _spatial_norm_why_not),
 }
 
 # The unfused variant, for the benchmarks to measure the fusion against: QK LayerNorm and RoPE in
