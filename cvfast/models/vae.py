@@ -18,9 +18,11 @@ chunk travel in an explicit cache, a flat `dict[str, Tensor]` keyed by the conv'
 the previous chunk's cache and returns the next one; no module keeps state between calls. GroupNorm
 statistics are taken per chunk, so the chunking is part of the numerics, not only of memory use.
 
-Heavy math goes through the `OpSet` every module is built with: `ops.group_norm` (with the spatial
-conditioning and the SiLU fused into the call) and `ops.causal_conv3d` (every 3D conv, kernel 3 or
-1). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
+Heavy math goes through the `OpSet` every module is built with: `ops.group_norm` (with the SiLU
+fused into the call), `ops.spatial_norm` (the decoder's norms, latent resize and 1x1x1 convs
+included, when a backend has it fused; else composed of `resize_latent`, two 1x1x1
+`ops.causal_conv3d` and `ops.group_norm` with the modulation) and `ops.causal_conv3d` (every 3D
+conv, kernel 3 or 1, the resnet's skip connection added by its second conv). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
 running them as 1x3x3 causal convs moves the result ~1e-6 away from diffusers (see
 `_per_frame_conv2d`), so they stay plain nn.Conv2d calls.
 """
