@@ -3,6 +3,7 @@
 
 Work per case comes from `cvfast.ops.cost.op_cost`: matrix FLOPs for the compute-bound ops, and for
 every op the bytes a fused kernel must move (each input read once, each output written once).
+`causal_conv3d` is measured on contiguous and on channels-last 3D input.
 `joint_attention` is also measured unfused ("triton-unfused": QK LayerNorm and RoPE in PyTorch,
 then the Triton attention kernel) to show what the fused prologue saves.
 """
@@ -70,9 +71,18 @@ def _cases(sz: dict, device: torch.device, dtype: torch.dtype):
     shape = sz["vae_shape"]
     yield ("group_norm", f"spatial group_norm+silu {'x'.join(map(str, shape))}",
            lambda: (rnd(*shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(*shape), rnd(*shape), True))
+    z_shape = (shape[0], 16, 2, shape[3] // 8, shape[4] // 8)  # the latent chunk the spatial norm resizes
+    yield ("spatial_norm", f"spatial_norm+silu {'x'.join(map(str, shape))}",
+           lambda: (rnd(*shape), rnd(*z_shape), rnd(shape[1]), rnd(shape[1]), 32, 1e-6, rnd(shape[1], 16, 1, 1, 1),
+                    rnd(shape[1]), rnd(shape[1], 16, 1, 1, 1), rnd(shape[1]), True))
     c = sz["vae_c"]
-    yield ("causal_conv3d", f"causal_conv3d 3x3x3 {'x'.join(map(str, shape))}",
-           lambda: (rnd(*shape), rnd(c, c, 3, 3, 3) * 0.02, rnd(c), rnd(shape[0], c, 2, *shape[3:])))
+    # Contiguous, and channels-last 3D (the fast VAE path's layout): cuDNN (the reference's conv3d)
+    # and the Triton implicit GEMM are measured on both; the comparison is what decides
+    # AUTO_ORDER_BY_OP["cuda", "causal_conv3d"].
+    for fmt, name in ((torch.contiguous_format, ""), (torch.channels_last_3d, " channels_last")):
+        cl = lambda *s, fmt=fmt: rnd(*s).contiguous(memory_format=fmt)  # noqa: E731
+        yield ("causal_conv3d", f"causal_conv3d 3x3x3 {'x'.join(map(str, shape))}{name}",
+               lambda cl=cl: (cl(*shape), rnd(c, c, 3, 3, 3) * 0.02, rnd(c), cl(shape[0], c, 2, *shape[3:])))
 
 
 def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *, frames: int, height: int,

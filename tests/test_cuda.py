@@ -240,3 +240,72 @@ def test_vae_norm_at_decoder_sizes(backend, shape, channels_last, spatial):
     got = group_norm(x, w, b, 32, 1e-6, scale, shift, True)
     assert torch.isfinite(got).all()
     assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6
+
+
+# The Triton causal conv at CogVideoX decoder sizes in bf16: conv_in (16 -> 512 at the 60x90 latent),
+# resnet convs at 512/256/128 channels (60x90 .. 480x720, chunks of 2-8 frames), conv_out (128 -> 3);
+# channels-last (how the fast VAE path runs it) and contiguous; with a cache, the fused residual.
+CONV_SIZES = [(16, 512, 2, 60, 90), (512, 512, 2, 60, 90), (256, 256, 4, 240, 360), (128, 128, 8, 480, 720),
+              (128, 3, 8, 480, 720)]
+
+
+@pytest.mark.parametrize("c_in,c_out,frames,height,width", CONV_SIZES, ids=lambda s: str(s))
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_triton_causal_conv3d_at_decoder_sizes(c_in, c_out, frames, height, width, channels_last):
+    triton_ops = _triton()
+    gen = torch.Generator(device="cuda").manual_seed(c_in + c_out)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    rand = lambda *s: torch.randn(*s, device="cuda", generator=gen).bfloat16()  # noqa: E731
+    x = rand(1, c_in, frames, height, width).contiguous(memory_format=fmt)
+    past = rand(1, c_in, 2, height, width).contiguous(memory_format=fmt)
+    weight, bias = (rand(c_out, c_in, 3, 3, 3).float() / (27 * c_in) ** 0.5).bfloat16(), rand(c_out)
+    residual = rand(1, c_out, frames, height, width).contiguous(memory_format=fmt)
+    for args in ((x, weight, bias, past, residual), (x, weight, bias, None, None)):
+        exact = reference.causal_conv3d(*(None if t is None else t.float() for t in args))
+        own = (reference.causal_conv3d(*args).float() - exact).abs().max().item()
+        got = triton_ops.causal_conv3d(*args)
+        assert torch.isfinite(got).all() and got.is_contiguous(memory_format=fmt)
+        assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6
+        del exact, got
+
+
+def test_fast_vae_decode_with_tiling_and_frame_batches():
+    """fp32: the tiny model's VAE decode through the Triton kernels equals the reference decode, with
+    spatial tiling (a latent 1.5 tiles wide) and several frame chunks (5 latent frames)."""
+    from cvfast.models.vae import Tiling
+    videos = {}
+    for backend in ("reference", "triton"):
+        pipe = cvfast.load("tiny", device="cuda", dtype=torch.float32, backend=backend)
+        tiling = Tiling.for_vae(pipe.vae.config)
+        grid = tiling.grid(pipe.vae.config.spatial_factor, decode=True)
+        z = torch.randn(1, 4, 5, grid.tile[0] * 3 // 2, grid.tile[1] * 3 // 2,
+                        generator=torch.Generator().manual_seed(0)).cuda()
+        videos[backend] = pipe.vae.decode(z, tiling=tiling)
+    assert pipe.backends()["causal_conv3d"] == "triton"
+    assert rel(videos["triton"], videos["reference"]) < 1e-4
+
+
+# The fused spatial norm at decoder sizes (bf16): 512 channels at the 60x90 latent size, 256 at
+# 240x360 (8 frames from 2 latent frames), 128 at 480x720 (9 frames from 3: the lone first frame).
+SPATIAL_NORM_SIZES = [((1, 512, 2, 60, 90), 2), ((1, 256, 8, 240, 360), 2), ((1, 128, 9, 480, 720), 3)]
+
+
+@pytest.mark.parametrize("shape,latent_frames", SPATIAL_NORM_SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_triton_spatial_norm_at_decoder_sizes(shape, latent_frames, channels_last):
+    triton_ops = _triton()
+    gen = torch.Generator(device="cuda").manual_seed(shape[1])
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    c = shape[1]
+    f = (rand(*shape) * 2 + rand(1, c, 1, 1, 1)).bfloat16().contiguous(memory_format=fmt)
+    z = rand(1, 16, latent_frames, 60, 90).bfloat16().contiguous(memory_format=fmt)
+    params = [rand(c) * 0.5 + 1, rand(c) * 0.2, rand(c, 16, 1, 1, 1) * 0.3, rand(c) + 1, rand(c, 16, 1, 1, 1) * 0.3,
+              rand(c) * 0.3]
+    args = (f, z, *params[:2], 32, 1e-6, *params[2:], True)
+    args = tuple(a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args)
+    exact = reference.spatial_norm(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+    own = (reference.spatial_norm(*args).float() - exact).abs().max().item()
+    got = triton_ops.spatial_norm(*args)
+    assert torch.isfinite(got).all() and got.is_contiguous(memory_format=fmt)
+    assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6

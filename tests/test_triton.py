@@ -212,7 +212,8 @@ def test_custom_ops_have_fake_implementations():
 
 # -- the fast model path --------------------------------------------------------------------------
 
-FAST_OPS = ("joint_attention", "modulate", "gated_residual_modulate", "gated_residual", "layer_norm", "gelu_mlp")
+FAST_OPS = ("joint_attention", "modulate", "gated_residual_modulate", "gated_residual", "layer_norm", "gelu_mlp",
+            "group_norm", "causal_conv3d")
 
 
 @pytest.mark.parametrize("variant,scheduler", [("2b", "ddim"), ("5b", "dpm"), ("1.5", "ddim"), ("5b-i2v", "ddim")])

@@ -140,15 +140,18 @@ def test_reference_causal_conv_cache_equals_one_call(split):
 
 
 def test_norms_and_3d_convs_go_through_the_op_set(pair):
+    """Every GroupNorm and 3D conv parameter reaches an op: group_norm / causal_conv3d, or (with a
+    backend that has it, here a spy) the decoder's fused spatial_norm."""
     ref, _ = pair
-    seen: dict[str, set[int]] = {"group_norm": set(), "causal_conv3d": set()}
+    seen: dict[str, set[int]] = {"group_norm": set(), "causal_conv3d": set(), "spatial_norm": set()}
 
     def spy(name):
         fn = getattr(reference, name)
 
-        def wrapped(x, weight, *args, **kwargs):
-            seen.setdefault(name, set()).add(weight.data_ptr())
-            return fn(x, weight, *args, **kwargs)
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).update(a.data_ptr() for a in (*args, *kwargs.values())
+                                                if isinstance(a, torch.Tensor))
+            return fn(*args, **kwargs)
         return wrapped
 
     ops = OpSet({name: Impl("spy", spy(name)) for name in OP_NAMES})
@@ -156,8 +159,9 @@ def test_norms_and_3d_convs_go_through_the_op_set(pair):
     vae.load_state_dict(ref.state_dict())
     vae.decode(torch.randn(1, 4, 3, 2, 2))
     vae.encode(torch.rand(1, 3, 5, 8, 8))
+    assert seen["spatial_norm"]
     for module in vae.modules():
         if isinstance(module, torch.nn.GroupNorm):
-            assert module.weight.data_ptr() in seen["group_norm"]
+            assert module.weight.data_ptr() in seen["group_norm"] | seen["spatial_norm"]
         if isinstance(module, torch.nn.Conv3d):
-            assert module.weight.data_ptr() in seen["causal_conv3d"]
+            assert module.weight.data_ptr() in seen["causal_conv3d"] | seen["spatial_norm"]

@@ -102,6 +102,17 @@ def _merge(part: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return grand.float(), torch.rsqrt(var + eps).float()
 
 
+def statistics(x: torch.Tensor, groups: int, eps: float, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 mean and 1/std per (batch, group) of x (B, C, ...), contiguous or channels_last_3d."""
+    batch, channels = x.shape[:2]
+    positions = x.numel() // (batch * channels)
+    splits = _splits(channels // groups * positions)
+    part = torch.empty(batch * groups, splits, 3, dtype=torch.float32, device=x.device)
+    _partial_moments[(batch * groups, splits)](x, part, groups, channels, positions, splits,
+                                               CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+    return _merge(part, eps)
+
+
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool) -> torch.Tensor:
     """x contiguous or channels_last_3d, scale/shift in x's layout, weight/bias (C,) contiguous."""
@@ -112,11 +123,7 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
         out = new_output((batch, *x.shape[2:], channels), x.dtype, x.device).permute(0, 4, 1, 2, 3)
     else:
         out = new_output(x.shape, x.dtype, x.device)
-    splits = _splits(channels // groups * positions)
-    part = torch.empty(batch * groups, splits, 3, dtype=torch.float32, device=x.device)
-    _partial_moments[(batch * groups, splits)](x, part, groups, channels, positions, splits,
-                                               CHANNELS_LAST=channels_last, BLOCK=BLOCK)
-    mean, rstd = _merge(part, eps)
+    mean, rstd = statistics(x, groups, eps, channels_last)
     modulate = scale is not None
     _apply[(triton.cdiv(x.numel(), BLOCK),)](x, weight, bias, scale if modulate else x, shift if modulate else x,
                                              mean, rstd, out, x.numel(), groups, channels, positions,

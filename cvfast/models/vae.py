@@ -18,9 +18,11 @@ chunk travel in an explicit cache, a flat `dict[str, Tensor]` keyed by the conv'
 the previous chunk's cache and returns the next one; no module keeps state between calls. GroupNorm
 statistics are taken per chunk, so the chunking is part of the numerics, not only of memory use.
 
-Heavy math goes through the `OpSet` every module is built with: `ops.group_norm` (with the spatial
-conditioning and the SiLU fused into the call) and `ops.causal_conv3d` (every 3D conv, kernel 3 or
-1). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
+Heavy math goes through the `OpSet` every module is built with: `ops.group_norm` (with the SiLU
+fused into the call), `ops.spatial_norm` (the decoder's norms, latent resize and 1x1x1 convs
+included, when a backend has it fused; else composed of `resize_latent`, two 1x1x1
+`ops.causal_conv3d` and `ops.group_norm` with the modulation) and `ops.causal_conv3d` (every 3D
+conv, kernel 3 or 1, the resnet's skip connection added by its second conv). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
 running them as 1x3x3 causal convs moves the result ~1e-6 away from diffusers (see
 `_per_frame_conv2d`), so they stay plain nn.Conv2d calls.
 """
@@ -36,9 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import OpSet
+from ..ops import OpSet, reference
+from ..ops.vae_norm import layout
 
 logger = logging.getLogger("cvfast")
+
+# Backends whose causal conv is written for channels-last 3D (NDHWC) activations. With one of them
+# the encoder and decoder convert their input to that layout once; every op after it (the convs, the
+# norms, PyTorch's resampling and per-frame 2D convs) keeps the layout of its input, so activations
+# stay channels-last to the last conv. The reference path keeps PyTorch's default layout (and so
+# diffusers' numerics).
+CHANNELS_LAST_BACKENDS = ("triton",)
 
 Cache = dict[str, torch.Tensor]  # conv module path -> its last kt-1 input frames, (b, c_in, kt-1, h, w)
 
@@ -314,33 +324,22 @@ class CausalConv3d(nn.Module):
         self.ops = ops or OpSet()
         self.cache_key = ""  # set by the owning Encoder/Decoder to this module's path
 
-    def forward(self, x: torch.Tensor, past: Cache, new: Cache) -> torch.Tensor:
-        """x: (b, c_in, t, h, w) -> (b, c_out, t, h, w). Reads this conv's frames from `past` (absent:
-        first chunk, the first frame is replicated instead) and writes the next ones into `new`."""
+    def forward(self, x: torch.Tensor, past: Cache, new: Cache, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, c_in, t, h, w) -> (b, c_out, t, h, w) (+ residual). Reads this conv's frames from
+        `past` (absent: first chunk, the first frame is replicated instead) and writes the next ones
+        into `new`."""
         weight = self.conv.weight
         keep = weight.shape[2] - 1
         if keep == 0:
-            return self.ops.causal_conv3d(x, weight, self.conv.bias, None)
+            return self.ops.causal_conv3d(x, weight, self.conv.bias, None, residual)
         prev = past.get(self.cache_key)
-        out = self.ops.causal_conv3d(x, weight, self.conv.bias, prev)
+        out = self.ops.causal_conv3d(x, weight, self.conv.bias, prev, residual)
         if x.shape[2] < keep:  # a chunk shorter than the cache: the tail spans the padding too
             head = prev if prev is not None else x[:, :, :1].expand(-1, -1, keep, -1, -1)
             x = torch.cat((head, x), dim=2)
         # clone: a view would keep the whole chunk's activation alive until the next chunk
         new[self.cache_key] = x[:, :, -keep:].clone()
         return out
-
-
-def _resize_latent(z: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Nearest-resize z (b, c, t, h, w) to size (T, H, W). When T is odd and > 1 the first frame is
-    resized on its own and the rest to T-1 frames: the first latent frame stands for one video frame,
-    each later one for several, and a plain resize would smear frame 0 over its neighbours."""
-    frames = size[0]
-    if frames > 1 and frames % 2 == 1:
-        first = F.interpolate(z[:, :, :1], size=(1, *size[1:]))
-        rest = F.interpolate(z[:, :, 1:], size=(frames - 1, *size[1:]))
-        return torch.cat((first, rest), dim=2)
-    return F.interpolate(z, size=tuple(size))
 
 
 class SpatialNorm3D(nn.Module):
@@ -356,10 +355,14 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """f: (b, c, T, H, W), z: (b, z_channels, t, h, w) -> (b, c, T, H, W)."""
-        z = _resize_latent(z, f.shape[-3:])
-        # kernel-1 convs: nothing to cache
-        scale, shift = self.conv_y(z, {}, {}), self.conv_b(z, {}, {})
-        n = self.norm_layer
+        n, y, b = self.norm_layer, self.conv_y.conv, self.conv_b.conv
+        if self.ops.planned("spatial_norm") != "reference":  # one fused kernel: zq is never written
+            return self.ops.spatial_norm(f, z, n.weight, n.bias, n.num_groups, n.eps, y.weight, y.bias, b.weight,
+                                         b.bias, True)
+        # Composed from the op set (a fused group_norm of another backend, if any): the resized latent
+        # and the two 1x1x1 conv outputs are written. Kernel-1 convs: nothing to cache.
+        zq = reference.resize_latent(z, f.shape[-3:])
+        scale, shift = self.conv_y(zq, {}, {}), self.conv_b(zq, {}, {})
         return self.ops.group_norm(f, n.weight, n.bias, n.num_groups, n.eps, scale=scale, shift=shift, silu=True)
 
 
@@ -390,10 +393,10 @@ class ResnetBlock3D(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None, past: Cache, new: Cache) -> torch.Tensor:
         """x: (b, c_in, t, h, w) -> (b, c_out, t, h, w); z: the latent chunk (decoder) or None."""
         h = self.conv1(self._norm_silu(self.norm1, x, z), past, new)
-        h = self.conv2(self._norm_silu(self.norm2, h, z), past, new)
         if hasattr(self, "conv_shortcut"):
             x = self.ops.causal_conv3d(x, self.conv_shortcut.weight, self.conv_shortcut.bias, None)
-        return h + x
+        # the skip connection is added by conv2 (fused into the kernel's store on the fast path)
+        return self.conv2(self._norm_silu(self.norm2, h, z), past, new, residual=x)
 
 
 def _per_frame_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -464,8 +467,17 @@ class Stage(nn.Module):
         for resnet in self.resnets:
             x = resnet(x, z, past, new)
         if self.resampler_name:
-            x = getattr(self, self.resampler_name)[0](x)
+            resampled = getattr(self, self.resampler_name)[0](x)
+            # channels-last in, channels-last out (the encoder's pad + strided conv returns contiguous)
+            x = resampled.contiguous(memory_format=layout(x)) if layout(x) == torch.channels_last_3d else resampled
         return x
+
+
+def _in_layout(x: torch.Tensor, ops: OpSet) -> torch.Tensor:
+    """x in the layout the conv backend of `ops` reads best (see CHANNELS_LAST_BACKENDS)."""
+    if ops.planned("causal_conv3d") in CHANNELS_LAST_BACKENDS:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
 
 
 def _name_caches(root: nn.Module) -> None:
@@ -495,7 +507,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, past: Cache | None = None) -> tuple[torch.Tensor, Cache]:
         """One chunk. x: (b, in_channels, t, H, W) -> ((b, 2 * latent_channels, t', H/f, W/f), cache)."""
         past, new = past or {}, {}
-        h = self.conv_in(x, past, new)
+        h = self.conv_in(_in_layout(x, self.ops), past, new)
         for block in self.down_blocks:
             h = block(h, None, past, new)
         h = self.mid_block(h, None, past, new)
@@ -526,6 +538,7 @@ class Decoder(nn.Module):
         """One chunk. z: (b, latent_channels, t, h, w) -> ((b, out_channels, t', h*f, w*f), cache);
         t' = 4t for even t, 4t-3 for odd t (temporal factor 4)."""
         past, new = past or {}, {}
+        z = _in_layout(z, self.ops)
         h = self.conv_in(z, past, new)
         h = self.mid_block(h, z, past, new)
         for block in self.up_blocks:

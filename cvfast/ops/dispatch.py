@@ -17,7 +17,7 @@ log = logging.getLogger("cvfast")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OP_NAMES = ("attention", "joint_attention", "rope", "layer_norm", "modulate", "gated_residual",
-            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d")
+            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d", "spatial_norm")
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,10 @@ class OpSet:
         if name in ops:
             return ops[name]
         raise AttributeError(name)
+
+    def planned(self, op: str) -> str:
+        """The backend `op` tries first: the one every call takes unless it refuses the input."""
+        return self._ops[op].candidates[0].backend
 
     def names(self) -> dict[str, str]:
         """{op: backend}; an op that used several backends (for different inputs) lists them joined by '+'."""

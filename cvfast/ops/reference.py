@@ -126,17 +126,44 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
 
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  past: torch.Tensor | None) -> torch.Tensor:
+                  past: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Causal 3D convolution, stride 1: `past` (the last kt-1 input frames of the previous chunk) or,
     for the first chunk, kt-1 copies of the first frame are prepended in time; height and width are
-    zero-padded by (k-1)/2.
+    zero-padded by (k-1)/2. Then `+ residual` when given (the resnet's skip connection).
 
     x: (batch, c_in, frames, h, w); weight: (c_out, c_in, kt, kh, kw); past: (batch, c_in, kt-1, h, w)
-    or None -> (batch, c_out, frames, h, w).
+    or None; residual: the output's shape or None -> (batch, c_out, frames, h, w).
     """
     kt, kh, kw = weight.shape[2:]
     if kt > 1:
         if past is None:
             past = x[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
         x = torch.cat((past, x), dim=2)
-    return F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
+    out = F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
+    return out if residual is None else out + residual
+
+
+def resize_latent(z: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-resize z (b, c, t, h, w) to size (T, H, W). When T is odd and > 1 the first frame is
+    resized on its own and the rest to T-1 frames: the first latent frame stands for one video frame,
+    each later one for several, and a plain resize would smear frame 0 over its neighbours."""
+    frames = size[0]
+    if frames > 1 and frames % 2 == 1:
+        first = F.interpolate(z[:, :, :1], size=(1, *size[1:]))
+        rest = F.interpolate(z[:, :, 1:], size=(frames - 1, *size[1:]))
+        return torch.cat((first, rest), dim=2)
+    return F.interpolate(z, size=tuple(size))
+
+
+def spatial_norm(f: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 eps: float, y_weight: torch.Tensor, y_bias: torch.Tensor, b_weight: torch.Tensor,
+                 b_bias: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """The VAE decoder's spatial norm: GroupNorm(f) * conv_y(zq) + conv_b(zq) (then SiLU), zq the
+    latent z nearest-resized to f's frames x height x width (`resize_latent`), conv_y / conv_b 1x1x1.
+
+    f: (batch, channels, T, H, W); z: (batch, z_channels, t, h, w); y_weight, b_weight:
+    (channels, z_channels, 1, 1, 1); y_bias, b_bias: (channels,) -> f's shape.
+    """
+    zq = resize_latent(z, f.shape[-3:])
+    scale, shift = causal_conv3d(zq, y_weight, y_bias, None), causal_conv3d(zq, b_weight, b_bias, None)
+    return group_norm(f, weight, bias, groups, eps, scale, shift, silu)

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention as attention_kernel
+from ..kernels import causal_conv3d as conv_kernel
 from ..kernels import gelu as gelu_kernel
 from ..kernels import group_norm as group_norm_kernel
 from ..kernels import norms as norms_kernel
+from ..kernels import spatial_norm as spatial_norm_kernel
 from ..kernels.common import INTERPRET
 from . import reference, vae_norm
 from .dispatch import FLOAT_DTYPES, Impl
@@ -86,6 +88,36 @@ def _(x, weight, bias, groups, eps, scale, shift, silu):
     return torch.empty_like(x, memory_format=vae_norm.layout(x))
 
 
+@torch.library.custom_op("cvfast::causal_conv3d", mutates_args=())
+def causal_conv3d_op(x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None,
+                     residual: Tensor | None) -> Tensor:
+    """The kernel reads x, past and residual through their strides; the output takes x's layout."""
+    return conv_kernel.causal_conv3d(x, weight, bias, past, residual,
+                                     channels_last=vae_norm.layout(x) == torch.channels_last_3d)
+
+
+@causal_conv3d_op.register_fake
+def _(x, weight, bias, past, residual):
+    shape = (x.shape[0], weight.shape[0], *x.shape[2:])
+    return x.new_empty(shape).contiguous(memory_format=vae_norm.layout(x))
+
+
+@torch.library.custom_op("cvfast::spatial_norm", mutates_args=())
+def spatial_norm_op(f: Tensor, z: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, y_weight: Tensor,
+                    y_bias: Tensor, b_weight: Tensor, b_bias: Tensor, silu: bool) -> Tensor:
+    fmt = vae_norm.layout(f)
+    as_matrix = lambda w: w.reshape(w.shape[0], -1).contiguous()  # noqa: E731  (C, z_channels, 1, 1, 1)
+    return spatial_norm_kernel.spatial_norm(f.contiguous(memory_format=fmt), z, weight.contiguous(), bias.contiguous(),
+                                            groups, eps, as_matrix(y_weight), y_bias.contiguous(),
+                                            as_matrix(b_weight), b_bias.contiguous(), silu,
+                                            channels_last=fmt == torch.channels_last_3d)
+
+
+@spatial_norm_op.register_fake
+def _(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu):
+    return torch.empty_like(f, memory_format=vae_norm.layout(f))
+
+
 def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -124,6 +156,16 @@ def gated_residual_modulate(h, y, gate, weight, bias, shift, scale, n_text: int,
 def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, scale: Tensor | None = None,
                shift: Tensor | None = None, silu: bool = False) -> Tensor:
     return group_norm_op(x, weight, bias, groups, eps, scale, shift, silu)
+
+
+def causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None,
+                  residual: Tensor | None = None) -> Tensor:
+    return causal_conv3d_op(x, weight, bias, past, residual)
+
+
+def spatial_norm(f: Tensor, z: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, y_weight: Tensor,
+                 y_bias: Tensor, b_weight: Tensor, b_bias: Tensor, silu: bool = True) -> Tensor:
+    return spatial_norm_op(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu)
 
 
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -197,6 +239,44 @@ def _residual_modulate_why_not(h, y, gate, weight, bias, shift, scale, n_text, e
     return _residual_why_not(h, y, gate, n_text) + _modulate_why_not(h, weight, bias, shift, scale, n_text, eps)
 
 
+def _conv_why_not(x, weight, bias, past, residual=None) -> list[str]:
+    if x.dim() != 5 or weight.dim() != 5:
+        return [f"expects x (batch, channels, frames, height, width) and a 5-d weight, got {tuple(x.shape)} "
+                f"and {tuple(weight.shape)}"]
+    batch, c_in, _, height, width = x.shape
+    c_out, w_in, kt, kh, kw = weight.shape
+    reasons = []
+    if w_in != c_in:
+        reasons.append(f"weight takes {w_in} input channels, x has {c_in} (grouped convs are not supported)")
+    if kh % 2 == 0 or kw % 2 == 0:
+        reasons.append(f"spatial kernel {kh}x{kw} is not odd (the 'same' zero padding needs (k-1)/2 a side)")
+    if any(t is not None and t.dtype != x.dtype for t in (weight, bias, past, residual)):
+        reasons.append(f"weight/bias/past/residual dtypes differ from x's {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        reasons.append(f"bias must be ({c_out},), got {tuple(bias.shape)}")
+    if past is not None and kt > 1 and tuple(past.shape) != (batch, c_in, kt - 1, height, width):
+        reasons.append(f"past must be {(batch, c_in, kt - 1, height, width)}, got {tuple(past.shape)}")
+    if residual is not None and tuple(residual.shape) != (batch, c_out, *x.shape[2:]):
+        reasons.append(f"residual must be the output's shape {(batch, c_out, *x.shape[2:])}, "
+                       f"got {tuple(residual.shape)}")
+    return reasons
+
+
+def _spatial_norm_why_not(f, z, weight, bias, groups, eps, y_weight, y_bias, b_weight, b_bias, silu=True) -> list[str]:
+    reasons = vae_norm.why_not(f, weight, bias, groups, eps)
+    if reasons or z.dim() != 5 or z.shape[0] != f.shape[0]:
+        return reasons or [f"expects z (batch, z_channels, frames, height, width) with f's batch, got {tuple(z.shape)}"]
+    conv = (f.shape[1], z.shape[1], 1, 1, 1)
+    if any(w is None or tuple(w.shape) != conv for w in (y_weight, b_weight)) or \
+            any(v is None or tuple(v.shape) != conv[:1] for v in (y_bias, b_bias)):
+        reasons.append(f"conv_y/conv_b must be 1x1x1 convs {conv} with ({f.shape[1]},) biases")
+    elif any(t.dtype != f.dtype for t in (z, y_weight, y_bias, b_weight, b_bias)):
+        reasons.append(f"z and the conv parameters must have f's dtype {f.dtype}")
+    if f.shape[2] > 1 and f.shape[2] % 2 == 1 and z.shape[2] < 2:
+        reasons.append(f"{f.shape[2]} frames (odd) need at least 2 latent frames, got {z.shape[2]}")
+    return reasons
+
+
 def _impl(fn, why_not) -> Impl:
     devices = ("cuda", "cpu") if INTERPRET else ("cuda",)
     return Impl("triton", fn, devices=devices, dtypes=FLOAT_DTYPES, min_capability=(8, 0), why_not=why_not,
@@ -212,6 +292,8 @@ IMPLS = {
     "gated_residual_modulate": _impl(gated_residual_modulate, _residual_modulate_why_not),
     "gelu_mlp": _impl(gelu_mlp, None),
     "group_norm": _impl(group_norm, vae_norm.why_not),
+    "causal_conv3d": _impl(causal_conv3d, _conv_why_not),
+    "spatial_norm": _impl(spatial_norm, _spatial_norm_why_not),
 }
 
 # The unfused variant, for the benchmarks to measure the fusion against: QK LayerNorm and RoPE in
