@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot_upcast, new_output, next_pow2, rounded
+from .common import INTERPRET, dot_upcast, new_output, next_pow2, rounded, voxel_coords
 
 
 @triton.jit
@@ -40,10 +40,7 @@ def _causal_conv3d(X, PAST, W, BIAS, RES, OUT, voxels, frames, height, width, c_
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < voxels
     n_ok = n < c_out
-    w = m % width
-    h = (m // width) % height
-    t = (m // (width * height)) % frames
-    b = m // (width * height * frames)
+    b, t, h, w = voxel_coords(m, frames, height, width)
     dot_type = tl.float32 if UPCAST else X.dtype.element_ty
     k = tl.arange(0, BLOCK_K)
     w_kn = k[:, None] * c_out + n[None, :]

@@ -42,3 +42,13 @@ def rounded(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def voxel_coords(v, frames, height, width):
+    """(batch, frame, row, column) of flat voxel indices over a (B, T, H, W) grid."""
+    w = v % width
+    h = (v // width) % height
+    t = (v // (width * height)) % frames
+    b = v // (width * height * frames)
+    return b, t, h, w

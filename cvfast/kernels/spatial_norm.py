@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot_upcast, new_output, next_pow2, rounded
+from .common import INTERPRET, dot_upcast, new_output, next_pow2, rounded, voxel_coords
 from .group_norm import statistics
 
 
@@ -45,10 +45,7 @@ def _spatial_norm(F, Z, W, B, YW, YB, BW, BB, MEAN, RSTD, OUT, voxels, channels,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     v_ok = v < voxels
     c_ok = c < channels
-    w = v % width
-    h = (v // width) % height
-    t = (v // (width * height)) % frames
-    b = v // (width * height * frames)
+    b, t, h, w = voxel_coords(v, frames, height, width)
     if FIRST_ALONE:  # frame 0 alone; frames 1.. resized from latent frames 1.. (scale_t for the rest)
         zt = tl.where(t == 0, 0, 1 + _nearest(t - 1, z_frames - 1, scale_t))
     else:
