@@ -123,7 +123,8 @@ setup(
     extras_require={
         # diffusers is the independent oracle of the tests, never a run-time dependency.
         "test": ["pytest>=8", "diffusers>=0.32", "peft>=0.12", "matplotlib>=3.8",
-                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1",
+                 "import-linter>=2.1"],  # the layer contract (.importlinter), run by `make test`
         "bench": ["matplotlib>=3.8"],
         # cvfast.export_onnx: torch's dynamo exporter (onnxscript, onnx-ir) and the onnxruntime check.
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],

@@ -1,6 +1,6 @@
 """Pipelines to measure: the embedded tiny model, or a real CogVideoX architecture with random
-weights (no checkpoint reaches a lent GPU machine; timings do not depend on the values), and the
-same weights inside diffusers' pipeline for the side-by-side baseline."""
+weights (no checkpoint reaches a lent GPU machine; timings do not depend on the values), built by
+cvfast's one assembler, and the same weights inside diffusers' pipeline for the side-by-side baseline."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +8,18 @@ import dataclasses
 import torch
 
 import cvfast
-from cvfast.models.config import GENERATION_DEFAULTS, PRESETS
+from cvfast.build import build as assemble
+from cvfast.checkpoints import Checkpoint, Tensors
+from cvfast.checkpoints.diffusers import to_diffusers_state_dict
+from cvfast.checkpoints.tiny import char_tokenizer
+from cvfast.models.config import PRESETS, VAEConfig, generation_defaults
 from cvfast.models.text_encoder import TextEncoder
 from cvfast.models.transformer import CogVideoXTransformer
-from cvfast.models.vae import CogVideoXVAE, VAEConfig
+from cvfast.models.vae import CogVideoXVAE
 from cvfast.ops import resolve
 from cvfast.pipeline import Pipeline
+from cvfast.runtime import Offload, Runtime
+from cvfast.runtime import parallel as par
 from cvfast.sampler.schedulers import SchedulerConfig
 
 MODELS = ("tiny", "2b", "5b", "1.5-5b")
@@ -25,7 +31,7 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 
 
-def _random_(module: torch.nn.Module, device, dtype, seed: int = 0) -> torch.nn.Module:
+def random_(module: torch.nn.Module, device, dtype, seed: int = 0) -> torch.nn.Module:
     """Materialise a meta-built module on `device` with small random weights, norms at 1."""
     module.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(seed)
@@ -38,25 +44,43 @@ def _random_(module: torch.nn.Module, device, dtype, seed: int = 0) -> torch.nn.
     return module.to(dtype).eval().requires_grad_(False)
 
 
-def build(model: str, device: torch.device, dtype: torch.dtype, backend: str) -> Pipeline:
-    """A cvfast Pipeline for `model` ("tiny" or a real architecture with random weights)."""
-    if model == "tiny":
-        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend)
-    from transformers import T5Config, T5EncoderModel
-
-    from cvfast.tiny import _tokenizer
-    cfg = PRESETS[model]
-    ops = resolve(backend, device)
+def random_tensors(module_cls, cfg, device, dtype, seed: int) -> Tensors:
     with torch.device("meta"):
-        transformer = CogVideoXTransformer(cfg, ops)
-        vae = CogVideoXVAE(VAEConfig.from_dict(dict(REAL_VAE, scaling_factor=1.15258426 if model == "2b" else 0.7)), ops)
-        t5 = T5EncoderModel(T5Config(**T5_XXL))
-    family = "1.5" if cfg.patch_size_t else "1.0"
-    scheduler = SchedulerConfig(kind="ddim", snr_shift_scale=3.0 if model == "2b" else 1.0)
-    return Pipeline(name=f"{model} (random weights)", transformer=_random_(transformer, device, dtype),
-                    vae=_random_(vae, device, dtype), text_encoder=TextEncoder(_tokenizer(), _random_(t5, device, dtype)),
-                    scheduler=scheduler, ops=ops, device=device, dtype=dtype,
-                    defaults=dict(GENERATION_DEFAULTS[family]))
+        module = module_cls(cfg)
+    return {key: (t, f"random:{key}") for key, t in random_(module, device, dtype, seed).state_dict().items()}
+
+
+def random_checkpoint(model: str, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+    """A real architecture (`PRESETS[model]`, CogVideoX's VAE and T5-XXL) with random weights made on
+    `device` when the assembler asks."""
+    from transformers import T5Config, T5EncoderModel
+    cfg = PRESETS[model]
+    vae = VAEConfig.from_dict(dict(REAL_VAE, scaling_factor=1.15258426 if model == "2b" else 0.7))
+
+    def text_encoder(home: torch.device, dtype: torch.dtype) -> TextEncoder:
+        with torch.device("meta"):
+            t5 = T5EncoderModel(T5Config(**T5_XXL))
+        return TextEncoder(char_tokenizer(), random_(t5, home, dtype))
+    return Checkpoint(name=f"{model} (random weights)", transformer=cfg, vae=vae,
+                      scheduler=SchedulerConfig(kind="ddim", snr_shift_scale=3.0 if model == "2b" else 1.0),
+                      transformer_tensors=lambda: random_tensors(CogVideoXTransformer, cfg, device, dtype, 0),
+                      vae_tensors=lambda: random_tensors(CogVideoXVAE, vae, device, dtype, 0),
+                      text_encoder=text_encoder, defaults=generation_defaults(cfg, vae))
+
+
+def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, parallel: str | None = None) -> Pipeline:
+    """A cvfast Pipeline for `model` ("tiny" or a real architecture with random weights); parallel:
+    as in `cvfast.load`, in a program started by torchrun."""
+    if model == "tiny":
+        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend, parallel=parallel)
+    checkpoint = random_checkpoint(model, device, dtype)
+    config = par.parse(parallel)
+    context = None
+    if config is not None:
+        par.check_launch(config, "none", "auto")
+        par.check_model(config, checkpoint.transformer)
+        context = par.ParallelContext(config, device)
+    return assemble(checkpoint, Runtime(device, dtype, Offload("none", device), "auto", context), resolve(backend, device))
 
 
 def diffusers_pipeline(pipe: Pipeline):
@@ -64,7 +88,6 @@ def diffusers_pipeline(pipe: Pipeline):
     shared), for a baseline measured in the same run. Raises ImportError without diffusers."""
     import diffusers
 
-    from cvfast.models.weights import to_diffusers_state_dict
     cfg, vcfg, scfg = pipe.transformer.cfg, pipe.vae.config, pipe.scheduler
     # Built on the device (not on meta) so that diffusers' own non-persistent buffers, such as the
     # 2B sincos table, are computed; then cast and filled with cvfast's tensors.

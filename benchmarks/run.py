@@ -133,7 +133,7 @@ def main(argv=None) -> Path | None:
 
 def _start_distributed(device: torch.device) -> torch.device:
     """--parallel: this rank's device, and torch.distributed started from torchrun's environment."""
-    from cvfast.parallel import rank_device
+    from cvfast.runtime.parallel import rank_device
     device = rank_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

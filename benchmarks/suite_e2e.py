@@ -126,7 +126,6 @@ def run_e2e_parallel(model: str, device: torch.device, dtype: torch.dtype, *, fr
     `parallel`, in the same run; the parallel rows get speedup_vs_<backend> (1 rank) and the loop
     row the relative L2 distance of its latents from one rank's. Every rank returns the rows; rank
     0's hold the timings it saw, which are the job's (its stages end with the others')."""
-    from cvfast import parallel as par
     size = dict(num_frames=frames, height=height, width=width)
     case_size = f"{frames}x{height}x{width}, {steps} steps, CFG"
     single, parallel_label = f"{backend} (1 rank)", f"{backend} ({parallel})"
@@ -139,11 +138,7 @@ def run_e2e_parallel(model: str, device: torch.device, dtype: torch.dtype, *, fr
         if device.type == "cuda":
             torch.cuda.empty_cache()
     dist.barrier()
-    pipe = build(model, device, dtype, backend)
-    config = par.parse(parallel)
-    par.check_launch(config, pipe.offload, pipe.cuda_graph)
-    par.check_model(config, pipe.config)
-    par.ParallelContext(config, device).attach(pipe)
+    pipe = build(model, device, dtype, backend, parallel)
     measured, finals[parallel_label] = _measure(_stages_cvfast(pipe, size, steps, seed), model, parallel_label,
                                                 device, iters, case_size)
     rows += measured

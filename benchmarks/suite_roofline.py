@@ -188,7 +188,7 @@ def _counting_ops(counter: _Counter) -> OpSet:
 
 def _config(model: str) -> TransformerConfig:
     if model == "tiny":
-        from cvfast.tiny import TRANSFORMER
+        from cvfast.checkpoints.tiny import TRANSFORMER
         return TRANSFORMER
     if model not in PRESETS:
         raise ValueError(f"model={model!r}: expected 'tiny' or one of {sorted(PRESETS)}")

@@ -1,12 +1,13 @@
 """Writing frames to an H.264 mp4, never resizing them."""
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import bad_arg
+from .core.errors import bad_arg
 
 
 def _to_uint8_frames(frames) -> np.ndarray:
@@ -70,7 +71,6 @@ def _write_pyav(video: np.ndarray, path: Path, fps) -> None:
         import av
     except ImportError:
         raise RuntimeError("writing mp4 needs imageio-ffmpeg or PyAV: pip install imageio-ffmpeg") from None
-    from fractions import Fraction
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"

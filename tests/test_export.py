@@ -15,6 +15,7 @@ import torch
 
 import cvfast
 from cvfast import CVFastInputError
+from cvfast.models.geometry import latent_shape
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 96          # latent 3 x 8 x 12 (1.5: 3 latent frames padded to 4)
 
@@ -103,7 +104,7 @@ def test_export_matches_reference_at_batch_1_and_2(exported, variant):
     cfg = pipe.config
     # The signature: names, symbolic batch, latent shape as the pipeline builds it (1.5 pads 3 -> 4).
     model = onnx.load(str(path), load_external_data=False)
-    latent_frames, _, lh, lw = pipe._latent_shape(FRAMES, HEIGHT, WIDTH)
+    latent_frames, _, lh, lw = latent_shape(pipe.config, pipe.vae.config, FRAMES, HEIGHT, WIDTH)
     assert latent_frames == (4 if cfg.patch_size_t else 3)
     names = ["hidden_states", "encoder_hidden_states", "timestep"] + (["ofs"] if cfg.ofs_embed_dim else [])
     assert [i.name for i in model.graph.input] == names
@@ -286,7 +287,8 @@ def test_signature_check_rejects_a_fixed_batch(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from cvfast.export.onnx_export import ONNXExportError, verify_signature
+    from cvfast import ONNXExportError
+    from cvfast.export.onnx import verify_signature
     shapes = {"hidden_states": (2,), "noise_pred": (2,)}
 
     def write(batch_dim):
@@ -309,7 +311,7 @@ def test_bf16_graph_promotion_for_cpu_checks(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from cvfast.export.validate import _promote_to_fp32
+    from cvfast.export.validate import promote_to_fp32
     w = np.random.default_rng(0).standard_normal((4, 3)).astype(ml_dtypes.bfloat16)
     x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 4])
     y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", 3])
@@ -319,7 +321,7 @@ def test_bf16_graph_promotion_for_cpu_checks(tmp_path):
     onnx.save(model, tmp_path / "bf16.onnx")
     with pytest.raises(Exception, match="NOT_IMPLEMENTED|Could not find an implementation"):
         ort.InferenceSession(str(tmp_path / "bf16.onnx"), providers=["CPUExecutionProvider"])
-    _promote_to_fp32(model)
+    promote_to_fp32(model)
     onnx.save(model, tmp_path / "fp32.onnx")
     session = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"])
     xs = np.random.default_rng(1).standard_normal((2, 4)).astype(ml_dtypes.bfloat16).astype(np.float32)

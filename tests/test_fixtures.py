@@ -37,25 +37,21 @@ def _load_tensors(path):
     return out
 
 
+def tiny_frames(pipe, **kwargs):
+    """diffusers' pipeline at the tiny size: 2 steps with CFG, seed 0, frames as numpy."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(num_frames=TINY_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, num_inference_steps=2,
+                guidance_scale=6.0, max_sequence_length=MAX_TEXT_SEQ_LEN, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(0), **kwargs).frames
+
+
 @pytest.mark.parametrize("variant", ["2b", "5b", "1.5"])
 def test_pipeline_runs(variant):
     import diffusers
 
     folder = tiny_folder(variant, "ddim")
-    pipe = diffusers.CogVideoXPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    frames = pipe(
-        prompt=LONG_PROMPT,
-        negative_prompt="",
-        num_frames=TINY_FRAMES,
-        height=TINY_HEIGHT,
-        width=TINY_WIDTH,
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        max_sequence_length=MAX_TEXT_SEQ_LEN,
-        output_type="np",
-        generator=torch.Generator("cpu").manual_seed(0),
-    ).frames
+    frames = tiny_frames(diffusers.CogVideoXPipeline.from_pretrained(str(folder)), prompt=LONG_PROMPT,
+                         negative_prompt="")
     assert frames.shape == (1, TINY_FRAMES, TINY_HEIGHT, TINY_WIDTH, 3)
     assert np.isfinite(frames).all()
     assert frames.std() > 0.05  # not a constant image
@@ -68,20 +64,8 @@ def test_i2v_pipeline_runs(variant):
     folder = tiny_folder(variant, "ddim")
     pipe = pipeline_class(variant).from_pretrained(str(folder))
     assert type(pipe).__name__ == "CogVideoXImageToVideoPipeline"
-    pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.RandomState(0).rand(TINY_HEIGHT, TINY_WIDTH, 3) * 255).astype(np.uint8))
-    frames = pipe(
-        image=image,
-        prompt="a cat",
-        num_frames=TINY_FRAMES,
-        height=TINY_HEIGHT,
-        width=TINY_WIDTH,
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        max_sequence_length=MAX_TEXT_SEQ_LEN,
-        output_type="np",
-        generator=torch.Generator("cpu").manual_seed(0),
-    ).frames
+    frames = tiny_frames(pipe, image=image, prompt="a cat")
     assert frames.shape == (1, TINY_FRAMES, TINY_HEIGHT, TINY_WIDTH, 3)
     assert np.isfinite(frames).all()
 

@@ -20,7 +20,7 @@ import torch
 
 import cvfast
 from cvfast import CVFastInputError
-from cvfast.sampler import graph, schedulers
+from cvfast.sampler import graph, loop, schedulers
 from cvfast.sampler.static_step import StepShape
 from tests.fixtures import tiny_folder
 from tests.test_image_video import pil, smooth_frame
@@ -35,7 +35,7 @@ def plain_denoise(self, latents, text, req, generator, callback, progress, cond=
     plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
     run_steps = len(plan.timesteps_host)
     cfg_on = req.guidance > 1.0
-    scales = [cvfast.pipeline.dynamic_guidance(req.guidance, t, run_steps) if req.dynamic_cfg else req.guidance
+    scales = [loop.dynamic_guidance(req.guidance, t, run_steps) if req.dynamic_cfg else req.guidance
               for t in plan.timesteps_host]
     tables = self.transformer.position_tables(latents.shape[1], latents.shape[3], latents.shape[4], self.device)
     ofs = torch.full((1,), 2.0, device=self.device, dtype=self.dtype) if self.config.ofs_embed_dim else None
@@ -54,7 +54,7 @@ def plain_denoise(self, latents, text, req, generator, callback, progress, cond=
         if cfg_on:
             uncond, cond_out = out.chunk(2)
             out = uncond + scales[i] * (cond_out - uncond)
-        noise = [self._randn(latents.shape, generator) for _ in range(plan.noise_draws[i])]
+        noise = [self.randn(latents.shape, generator) for _ in range(plan.noise_draws[i])]
         c, x = plan.coef[i], latents.float()
         x0 = c[0] * x - c[1] * out
         if plan.kind == "ddim":
@@ -131,10 +131,11 @@ def stand_in_capture(log):
 
 def denoise_through(pipe, cache, seed, callback=None, **kwargs):
     """generate()'s text and latent stages, then its denoising with the graph cache `cache`."""
-    req = pipe._validate(prompt=PROMPT, num_inference_steps=3, **kwargs)
+    req = pipe.request(prompt=PROMPT, num_inference_steps=3, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     text = pipe.encode_prompts(req.text)
-    latents, cond = pipe._initial_latents(req, gen, None)
+    encoded = pipe.encode_frames(req, gen) if req.mode != "t2v" else None
+    latents, cond = pipe.initial_latents(req, gen, None, encoded)
     return pipe.denoise(latents, text, req, gen, callback, False, cond, cache)
 
 

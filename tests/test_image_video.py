@@ -1,5 +1,6 @@
 """Image-to-video and video-to-video against diffusers' pipelines (same folder, prompt and seed,
 fp32 on the CPU; the bar is a relative L2 error of 5e-5), and their input validation."""
+import dataclasses
 import logging
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 import cvfast
 from cvfast import CVFastInputError
+from cvfast.runtime import Offload
 from tests.fixtures import tiny_folder
 from tests.test_pipeline import PROMPT, rel_l2
 
@@ -118,18 +120,20 @@ def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):
     by a stand-in ("meta") and moves are recorded instead of made: each component must be brought to
     the device right before its stage with the others sent home, and while the VAE decodes, the
     transformer and the text encoder must be at home."""
-    pipe = cvfast.load("tiny", offload="model")
-    pipe.home = torch.device("meta")
-    where = {name: "cpu" for name in pipe._components()}
+    loaded = cvfast.load("tiny", offload="model")
+    where = {name: "cpu" for name in loaded.modules()}
     brought = []
 
-    def record(module, device):
-        name = next(n for n, m in pipe._components().items() if m is module)
-        where[name] = device.type
-        if device.type == "cpu":
-            brought.append((name, sorted(n for n, w in where.items() if w == "cpu")))
+    class Recorded(Offload):
+        def move(self, module, device):
+            name = next(n for n, m in loaded.modules().items() if m is module)
+            where[name] = device.type
+            if device.type == "cpu":
+                brought.append((name, sorted(n for n, w in where.items() if w == "cpu")))
 
-    monkeypatch.setattr(pipe, "_place", record)
+    offload = Recorded("model", loaded.device)
+    offload.home = torch.device("meta")
+    pipe = cvfast.Pipeline(loaded.components, dataclasses.replace(loaded.runtime, offload=offload))
     during_decode = {}
     real_decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: during_decode.update(where) or real_decode(z, **kw))
@@ -142,19 +146,18 @@ def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):
 
 def test_auto_tiling_follows_the_memory_projection(monkeypatch, caplog):
     """vae_tiling="auto" tiles exactly when the projected untiled peak exceeds 0.9 x the free memory."""
-    import cvfast.pipeline as pipeline_module
-    from cvfast.models.vae_memory import projected_decode_peak_bytes
+    from cvfast.models import vae_tiling
     pipe = cvfast.load("tiny")
     latents = pipe.generate("a cat", num_inference_steps=1, seed=0, progress=False, output_type="latent").frames
     z_shape = (latents.shape[1], latents.shape[3], latents.shape[4])
-    projected = projected_decode_peak_bytes(pipe.vae.config, *z_shape, torch.float32)
+    projected = vae_tiling.projected_decode_peak_bytes(pipe.vae.config, *z_shape, torch.float32)
     seen = []
     real_decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, tiling=None, **kw: seen.append(tiling) or real_decode(z, tiling=None))
     # The tiny VAE's tiles never fit exactly; pretend they do to see the memory rule alone.
-    monkeypatch.setattr(pipeline_module.Tiling, "keeps_size", lambda *args, **kwargs: True)
+    monkeypatch.setattr(vae_tiling.Tiling, "keeps_size", lambda *args, **kwargs: True)
     for free, tiled in ((int(projected / 0.9) + 2, False), (int(projected / 0.9) - 2, True)):
-        monkeypatch.setattr(pipeline_module, "free_device_bytes", lambda device, free=free: free)
+        monkeypatch.setattr(vae_tiling, "free_device_bytes", lambda device, free=free: free)
         pipe.decode(latents, "auto")
         assert (seen[-1] is not None) == tiled
     pipe.decode(latents, False)
@@ -163,7 +166,7 @@ def test_auto_tiling_follows_the_memory_projection(monkeypatch, caplog):
     # With tiles that would change the size, "auto" runs untiled and says so in one line.
     monkeypatch.undo()
     monkeypatch.setattr(pipe.vae, "decode", lambda z, tiling=None, **kw: seen.append(tiling) or real_decode(z, tiling=None))
-    monkeypatch.setattr(pipeline_module, "free_device_bytes", lambda device: int(projected / 0.9) - 2)
+    monkeypatch.setattr(vae_tiling, "free_device_bytes", lambda device: int(projected / 0.9) - 2)
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         pipe.decode(latents, "auto")
     assert seen[-1] is None and len(caplog.records) == 1 and "running untiled" in caplog.records[0].getMessage()

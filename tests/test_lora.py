@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 import cvfast
-from cvfast.models.lora import LoRAError
+from cvfast import LoRAError
 from tests.fixtures import tiny_folder
 from tests.test_pipeline import PROMPT, SIZE, rel_l2
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cvfast
-from cvfast import CVFastInputError
-from cvfast.models.vae import CogVideoXVAE, Tiling, VAEConfig
-from cvfast.parallel import ParallelConfig, RankFailedError, parse
+from cvfast import CVFastInputError, RankFailedError
+from cvfast.models.config import VAEConfig
+from cvfast.models.vae import CogVideoXVAE
+from cvfast.models.vae_tiling import Tiling
+from cvfast.runtime.parallel import ParallelConfig, ParallelContext, parse
 from tests.fixtures import tiny_folder
 from tests.test_image_video import pil, smooth_frame
 from tests.test_pipeline import PROMPT, rel_l2
@@ -119,7 +121,7 @@ class FramesJob:
 
 
 def _parallel_decode(case: dict):
-    from cvfast.parallel import decode
+    from cvfast.runtime.parallel import decode
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     vae = _saved_vae(case["vae"])
@@ -154,9 +156,9 @@ def check_frames_job(cases: list[dict], world: int, tmp_path: Path) -> list[floa
 def check_decode(case: dict, got: torch.Tensor) -> float:
     """The parallel decode equals the single-process tiled decode exactly, and the untiled decode
     within the tiling's own bound (measured on this VAE and latent, tests/test_vae_tiling.py)."""
-    vae, z = _saved_vae(case["vae"]), torch.load(case["latents"])
-    assert torch.equal(got, vae.decode(z, tiling=Tiling.for_vae(vae.config)))
-    err = rel_l2(got.numpy(), vae.decode(z).numpy())
+    vae, latents = _saved_vae(case["vae"]), torch.load(case["latents"])
+    assert torch.equal(got, vae.decode_latents(latents, tiling=Tiling.for_vae(vae.config)))
+    err = rel_l2(got.numpy(), vae.decode_latents(latents).numpy())
     assert 0.05 < err < TILED_DECODE_BOUND  # > 0.05: the decode really was tiled
     return err
 
@@ -167,8 +169,10 @@ def decode_case(tmp_path: Path, vae_tiling: bool | str) -> dict:
     tiles with vae_tiling "auto" too, on such a VAE."""
     _, vae = _pair(sample_height=96, sample_width=160)
     torch.save(dict(config=dataclasses.asdict(vae.config), state=vae.state_dict()), tmp_path / "vae.pt")
-    torch.save(torch.randn(1, 4, 3, 13, 21, generator=torch.Generator().manual_seed(1)), tmp_path / "z.pt")
-    return dict(vae=tmp_path / "vae.pt", latents=tmp_path / "z.pt", vae_tiling=vae_tiling)
+    z = torch.randn(1, 4, 3, 13, 21, generator=torch.Generator().manual_seed(1))
+    # In the sampler's layout (batch, frames, channels, h, w), scaled, as the pipeline decodes them.
+    torch.save(z.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor, tmp_path / "latents.pt")
+    return dict(vae=tmp_path / "vae.pt", latents=tmp_path / "latents.pt", vae_tiling=vae_tiling)
 
 
 def _saved_vae(path: Path) -> CogVideoXVAE:
@@ -291,7 +295,7 @@ def no_weights(monkeypatch):
     """Fails a test that reads any weights: the checks must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the parallel checks")
-    monkeypatch.setattr(cvfast.loading, "read_tensors", refuse)
+    monkeypatch.setattr(cvfast.checkpoints.diffusers, "read_tensors", refuse)
 
 
 @pytest.mark.parametrize("world,value,kwargs,message", [
@@ -325,18 +329,19 @@ def test_cli_reports_a_bad_parallel_value(monkeypatch, capsys):
 
 
 def test_export_refuses_a_parallel_pipeline():
-    pipe = cvfast.load("tiny", device="cpu")
-    pipe.parallel = object()  # what load(parallel=...) sets; the check needs no process group
+    loaded = cvfast.load("tiny", device="cpu")
+    context = ParallelContext.__new__(ParallelContext)  # the check needs no process group
+    context.cfg_group = None
+    pipe = cvfast.Pipeline(loaded.components, dataclasses.replace(loaded.runtime, parallel=context))
     with pytest.raises(CVFastInputError, match="without parallel="):
         cvfast.export_onnx(pipe, "unused", frames=9, height=64, width=96)
 
 
 def test_cfg_parallel_refuses_guidance_without_cfg_before_any_work(monkeypatch):
-    from cvfast.parallel import ParallelContext
-    pipe = cvfast.load("tiny", device="cpu")
+    loaded = cvfast.load("tiny", device="cpu")
     context = ParallelContext.__new__(ParallelContext)  # the checks need no process group
-    context.config = ParallelConfig(cfg=2)
-    pipe.parallel = context
+    context.config, context.cfg_group = ParallelConfig(cfg=2), None
+    pipe = cvfast.Pipeline(loaded.components, dataclasses.replace(loaded.runtime, parallel=context))
     monkeypatch.setattr(pipe, "encode_prompts", lambda *a: pytest.fail("work started"))
     with pytest.raises(CVFastInputError, match="guidance_scale=1.0 is not accepted: > 1 with parallel='cfg=2,ulysses=1'"):
         pipe.generate("x", guidance_scale=1.0, num_inference_steps=1)

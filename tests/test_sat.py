@@ -20,9 +20,7 @@ from safetensors.torch import save_file
 
 import cvfast
 from cvfast.cli import main as cli_main
-from cvfast.models.lora import LoRAError
-from cvfast.models.weights import WeightError
-from cvfast.sat_io import UnsafePickleError, convert_sat
+from cvfast import LoRAError, UnsafePickleError, WeightError, convert_sat
 from tests.fixtures import scheduler_config, tiny_folder, transformer_config, vae_config
 from tests.test_pipeline import PROMPT, SIZE, diffusers_frames, rel_l2
 

@@ -59,7 +59,7 @@ def test_alphas_cumprod_matches():
 
 
 def test_bad_step_count_is_rejected():
-    from cvfast.errors import CVFastInputError
+    from cvfast import CVFastInputError
     _, cfg = make("ddim", "2b")
     for bad in (0, -3, 2.5, 1001):
         with pytest.raises(CVFastInputError, match="num_inference_steps"):

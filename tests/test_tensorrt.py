@@ -2,16 +2,18 @@
 another model, size or precision, and load()'s argument checks. Building and running engines is in
 tests/test_cuda.py (needs CUDA and the tensorrt package)."""
 import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import cvfast
-from cvfast.errors import CVFastInputError
-from cvfast.export import cli as export_cli
-from cvfast.export.tensorrt_engine import (EngineMismatchError, check_model, check_size, config_hash, engine_spec,
-                                           read_spec)
+from cvfast import CVFastInputError, EngineMismatchError
+from cvfast.cli.export import requested_sizes
+from cvfast.export.tensorrt_build import engine_spec
+from cvfast.models.geometry import latent_shape
+from cvfast.runtime.tensorrt import TensorRTTransformer, check_model, check_size, config_hash, read_spec
 from tests.fixtures import tiny_folder
 
 
@@ -47,18 +49,20 @@ def test_an_engine_for_another_model_or_precision_is_refused(pipe, tmp_path):
 
 def test_an_engine_for_another_size_or_batch_is_refused_before_any_work(pipe):
     spec = engine_spec(pipe, 9, 64, 96, 1, torch.float32, 226, "10.15")
-    check_size(spec, pipe._latent_shape(9, 64, 96), 226, 2, "e.plan")
+    check_size(spec, latent_shape(pipe.config, pipe.vae.config, 9, 64, 96), 226, 2, "e.plan")
     with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
-        check_size(spec, pipe._latent_shape(17, 64, 96), 226, 2, "e.plan")
+        check_size(spec, latent_shape(pipe.config, pipe.vae.config, 17, 64, 96), 226, 2, "e.plan")
     with pytest.raises(EngineMismatchError, match="batch of 1 to 2, this call needs 4"):
-        check_size(spec, pipe._latent_shape(9, 64, 96), 226, 4, "e.plan")
-    # Through generate(): the pipeline asks its transformer before encoding any text.
-    pipe.transformer.check_request = lambda shape, text_len, batch: check_size(spec, shape, text_len, batch, "e.plan")
-    try:
-        with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
-            pipe.generate("a cat", num_frames=9, height=32, width=48, progress=False)
-    finally:
-        del pipe.transformer.check_request
+        check_size(spec, latent_shape(pipe.config, pipe.vae.config, 9, 64, 96), 226, 4, "e.plan")
+    # Through generate(): a pipeline with an engine asks it before encoding any text. (The engine is
+    # made without TensorRT: its checks read only the spec.)
+    engine = TensorRTTransformer.__new__(TensorRTTransformer)
+    torch.nn.Module.__init__(engine)
+    engine.cfg, engine.spec, engine.engine_path = pipe.config, spec, "e.plan"
+    with_engine = cvfast.Pipeline(dataclasses.replace(pipe.components, transformer=engine, loras=None), pipe.runtime)
+    with_engine.encode_prompts = lambda *args: pytest.fail("work started")
+    with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
+        with_engine.generate("a cat", num_frames=9, height=32, width=48, progress=False)
 
 
 def test_load_arguments_for_an_engine(pipe, tmp_path):
@@ -82,8 +86,8 @@ def test_load_arguments_for_an_engine(pipe, tmp_path):
 def test_export_sizes_are_parsed_with_clear_errors(sizes, match):
     args = argparse.Namespace(size=sizes, frames=None, height=None, width=None)
     with pytest.raises(CVFastInputError, match=match):
-        export_cli._sizes(args, {"num_frames": 9, "height": 64, "width": 96})
+        requested_sizes(args, {"num_frames": 9, "height": 64, "width": 96})
     args.size = ["49,480,720", "81,768,1360"]
-    assert export_cli._sizes(args, {}) == [(49, 480, 720), (81, 768, 1360)]
+    assert requested_sizes(args, {}) == [(49, 480, 720), (81, 768, 1360)]
     args.size = []
-    assert export_cli._sizes(args, {"num_frames": 9, "height": 64, "width": 96}) == [(9, 64, 96)]
+    assert requested_sizes(args, {"num_frames": 9, "height": 64, "width": 96}) == [(9, 64, 96)]

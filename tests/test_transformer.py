@@ -4,7 +4,8 @@ import torch
 
 from cvfast.models.config import TransformerConfig
 from cvfast.models.transformer import CogVideoXTransformer
-from cvfast.models.weights import load_into, transformer_state_dict
+from cvfast.checkpoints import load_into
+from cvfast.checkpoints.diffusers import transformer_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -68,7 +69,7 @@ def test_forward_matches_diffusers(variant):
 
 
 def test_unknown_and_misshaped_weights_are_named():
-    from cvfast.models.weights import WeightError
+    from cvfast import WeightError
     ref, ours = make_pair("2b")
     tensors = {k: (v, "f.safetensors") for k, v in ref.state_dict().items()}
     tensors["transformer_blocks.0.attn1.to_x.weight"] = (torch.zeros(1), "f.safetensors")

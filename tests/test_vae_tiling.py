@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import cvfast.models.vae as vae_mod
-from cvfast.models import vae_memory
-from cvfast.models.vae import CogVideoXVAE, Tiling, VAEConfig, run_tiled
-from cvfast.models.vae_memory import (choose_tiling, free_device_bytes, projected_decode_peak_bytes,
-                                      projected_encode_peak_bytes)
+from cvfast.models import vae_tiling
+from cvfast.models.config import VAEConfig
+from cvfast.models.vae import CogVideoXVAE
+from cvfast.models.vae_tiling import (Tiling, choose_tiling, free_device_bytes, projected_decode_peak_bytes,
+                                      projected_encode_peak_bytes, run_tiled)
 
 diffusers = pytest.importorskip("diffusers")
 from tests.test_vae import _pair, rel_err  # noqa: E402  (the same diffusers/cvfast VAE pair)
@@ -177,7 +178,7 @@ def test_tiled_decode_error_is_bounded_and_broken_blends_exceed_it(exact_case, m
     err = rel_err(exact_case["tiled"], untiled)
     assert 0.05 < err < TILED_DECODE_BOUND  # > 0.05: tiling really happened
 
-    blend = vae_mod._blend_into
+    blend = vae_tiling.blend_into
     variants = {
         "no blend": lambda prev, cur, extent, dim: blend(prev, cur, 0, dim),
         # the neighbour's strip displaced by one pixel (its first row repeated, its last dropped)
@@ -185,10 +186,10 @@ def test_tiled_decode_error_is_bounded_and_broken_blends_exceed_it(exact_case, m
             torch.cat((prev.narrow(dim, 0, 1), prev.narrow(dim, 0, prev.shape[dim] - 1)), dim), cur, extent, dim),
     }
     for name, fn in variants.items():
-        monkeypatch.setattr(vae_mod, "_blend_into", fn)
+        monkeypatch.setattr(vae_tiling, "blend_into", fn)
         broken = rel_err(ours.decode(z, tiling=tiling), untiled)
         assert broken > TILED_DECODE_BOUND * 1.1, (name, broken)
-    monkeypatch.setattr(vae_mod, "_blend_into", blend)
+    monkeypatch.setattr(vae_tiling, "blend_into", blend)
 
     run = vae_mod.run_tiled
 
@@ -387,10 +388,10 @@ def test_free_device_bytes(monkeypatch):
         assert abs(cpu - kib * 1024) < 2 * GiB  # it moves while we look
     except (OSError, StopIteration):
         pass
-    assert free_device_bytes("meta") == vae_memory.UNKNOWN_FREE_BYTES
+    assert free_device_bytes("meta") == vae_tiling.UNKNOWN_FREE_BYTES
 
     def no_file(*args, **kwargs):
         raise OSError("no /proc here")
-    monkeypatch.setattr(vae_memory, "open", no_file, raising=False)
+    monkeypatch.setattr(vae_tiling, "open", no_file, raising=False)
     monkeypatch.setitem(__import__("sys").modules, "psutil", None)  # import psutil -> ImportError
-    assert free_device_bytes("cpu") == vae_memory.UNKNOWN_FREE_BYTES
+    assert free_device_bytes("cpu") == vae_tiling.UNKNOWN_FREE_BYTES

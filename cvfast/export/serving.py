@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import bad_arg
-from .onnx_export import require_onnx
+from ..core.errors import bad_arg
+from .onnx import require_onnx
 
 # onnx.TensorProto element type -> Triton data_type.
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16",

@@ -40,19 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import bad_arg
-from .onnx_export import (OFS_INPUT, OUTPUT_NAME, build_export_module, example_inputs, io_dims,
-                          require_onnx)
+from ..core.errors import ONNXCheckError, bad_arg
+from ..runtime.tensorrt import OFS_INPUT, OUTPUT_NAME
+from .onnx import build_export_module, example_inputs, io_dims, require_onnx
 
 REL_L2_BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 TENSORRT_OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 _ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}
 _LOW_PRECISION = (10, 16)  # TensorProto.FLOAT16, BFLOAT16
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-class ONNXCheckError(AssertionError):
-    """The exported model does not match the reference forward within the bound."""
 
 
 def _stats(out: np.ndarray, ref: np.ndarray) -> dict:
@@ -82,7 +78,7 @@ def _subgraphs(node):
             yield from attr.graphs
 
 
-def _promote_to_fp32(model) -> None:
+def promote_to_fp32(model) -> None:
     """In place: every bf16/fp16 tensor type, initializer, constant and cast of `model` -> fp32."""
     import onnx
     from onnx import numpy_helper
@@ -160,7 +156,7 @@ def check_onnx(pipe, onnx_path, *, batch_sizes=(1, 2), seed: int = 0, providers:
                 raise
             mode = "fp32-emulation"
             model = onnx.load(str(path))
-            _promote_to_fp32(model)
+            promote_to_fp32(model)
             tmp = tempfile.TemporaryDirectory(prefix="cvfast-check-")
             run_path = Path(tmp.name) / "fp32.onnx"
             onnx.save_model(model, str(run_path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,1 +1,2 @@
-"""cvfast's model definitions: transformer, VAE, text encoder, configs and weight loading."""
+"""cvfast's model definitions: configs and presets, latent geometry, the transformer, the VAE and its
+tiling, the text encoder."""

@@ -1,18 +1,16 @@
-"""Config dataclasses and named presets of the CogVideoX family.
+"""Config dataclasses, named presets and generation defaults of the CogVideoX family.
 
-`TransformerConfig.from_dict` reads diffusers' `transformer/config.json`; the variant is derived from
-what the config says (RoPE or sincos, learned positional embeddings, temporal patching, ofs
-embedding, input channels), never from a folder name.
+`TransformerConfig.from_dict` reads diffusers' `transformer/config.json`, `VAEConfig.from_dict` its
+`vae/config.json`; the variant is derived from what the config says (RoPE or sincos, learned
+positional embeddings, temporal patching, ofs embedding, input channels), never from a folder name.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-
-def _known_fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+from ..core.checks import known_fields
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        cfg = cls(**_known_fields(cls, d))
+        cfg = cls(**known_fields(cls, d))
         if cfg.out_channels is None:
             cfg = dataclasses.replace(cfg, out_channels=cfg.in_channels)
         cfg.check()
@@ -84,6 +82,68 @@ class TransformerConfig:
         return "2b"
 
 
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+    sample_height: int = 480
+    sample_width: int = 720
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        """From diffusers' `vae/config.json` contents; keys this VAE does not use are ignored."""
+        kept = known_fields(cls, d)
+        if "block_out_channels" in kept:
+            kept["block_out_channels"] = tuple(kept["block_out_channels"])
+        for key, block in (("down_block_types", "CogVideoXDownBlock3D"), ("up_block_types", "CogVideoXUpBlock3D")):
+            types = d.get(key)
+            if types is not None and (len(types) != len(kept.get("block_out_channels", cls.block_out_channels))
+                                      or any(t != block for t in types)):
+                raise ValueError(f"{key}={types!r}: expected one {block} per entry of block_out_channels")
+        cfg = cls(**kept)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn={self.act_fn!r}: the CogVideoX VAE uses silu")
+        level = math.log2(self.temporal_compression_ratio)
+        if level != int(level) or not 0 <= level <= len(self.block_out_channels) - 1:
+            raise ValueError(f"temporal_compression_ratio={self.temporal_compression_ratio!r}: expected a power "
+                             f"of 2 up to {self.spatial_factor}")
+        if self.use_quant_conv and self.latent_channels != self.out_channels:
+            # diffusers sizes quant_conv by 2 * out_channels (the *image* channels), so it only
+            # runs when latent_channels == out_channels; fail here rather than mid-encode.
+            raise ValueError("use_quant_conv needs latent_channels == out_channels (as in diffusers)")
+        if self.use_post_quant_conv and self.latent_channels != self.out_channels:
+            raise ValueError("use_post_quant_conv needs latent_channels == out_channels (as in diffusers)")
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.temporal_compression_ratio)
+
+    @property
+    def time_compress_levels(self) -> int:
+        """How many of the first down (and up) blocks also halve (double) the frame count."""
+        return int(math.log2(self.temporal_compression_ratio))
+
+
 # Generation defaults per family (frames, height, width, fps), from the CogVideoX model cards; never
 # from transformer.config.sample_* (which for 1.5 describes the RoPE base grid, not a video size).
 GENERATION_DEFAULTS = {
@@ -105,3 +165,13 @@ PRESETS: dict[str, TransformerConfig] = {
                                     use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
                                     sample_height=300, sample_width=300, sample_frames=81),
 }
+
+
+def generation_defaults(transformer: TransformerConfig, vae: VAEConfig) -> dict:
+    """generate()'s default num_frames, height, width and fps for a model: its family's, or for a model
+    with learned positional embeddings the one size its table has."""
+    defaults = dict(GENERATION_DEFAULTS["1.5" if transformer.patch_size_t is not None else "1.0"])
+    if transformer.use_learned_positional_embeddings:
+        defaults.update(num_frames=transformer.sample_frames, height=transformer.sample_height * vae.spatial_factor,
+                        width=transformer.sample_width * vae.spatial_factor)
+    return defaults

@@ -15,13 +15,6 @@ class TextEncoder:
     def __init__(self, tokenizer, model: torch.nn.Module):
         self.tokenizer, self.model = tokenizer, model
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.d_model
-
-    def token_count(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
-
     def warn_if_truncated(self, prompts: list[str], max_length: int) -> None:
         for prompt in prompts:
             ids = self.tokenizer(prompt, add_special_tokens=True).input_ids

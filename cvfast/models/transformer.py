@@ -83,16 +83,16 @@ class Block(nn.Module):
 
 
 class CogVideoXTransformer(nn.Module):
-    """The denoiser. Call `position_tables` once per latent shape, then `forward` per step."""
+    """The denoiser. Call `position_tables` once per latent shape, then `forward` per step.
 
-    # A `cvfast.parallel.ulysses.SequenceParallel` when the video tokens are split over ranks: it
-    # keeps this rank's tokens after the embedding, gathers them before unpatchify, and its
-    # attention wrapper sits in the blocks' OpSet.
-    sequence_parallel = None
+    sequence_parallel: when the video tokens are split over ranks (Ulysses,
+    `cvfast.runtime.parallel.ulysses.SequenceParallel`), what keeps this rank's tokens after the
+    embedding (`scatter`) and gathers every rank's before unpatchify (`gather`); its attention wrapper
+    is then part of `ops`."""
 
-    def __init__(self, cfg: TransformerConfig, ops: OpSet | None = None):
+    def __init__(self, cfg: TransformerConfig, ops: OpSet | None = None, sequence_parallel=None):
         super().__init__()
-        self.cfg, self.ops = cfg, ops or OpSet()
+        self.cfg, self.ops, self.sequence_parallel = cfg, ops or OpSet(), sequence_parallel
         dim, patch_dim = cfg.inner_dim, cfg.in_channels * cfg.temporal_patch * cfg.patch_size ** 2
         # diffusers' temporal-patch (1.5) embedding is a Linear that always has a bias, whatever
         # `patch_bias` says, and the released 1.5 folders were saved from it.

@@ -11,8 +11,13 @@ Layout, as in diffusers' `AutoencoderKLCogVideoX` (parameter names are diffusers
              Every norm of the decoder is a "spatial norm": GroupNorm(h) * conv_y(z) + conv_b(z), with
              z the latent chunk being decoded, resized (nearest) to h's frames x height x width.
 
+The pipeline speaks the sampler's latents: `encode_latents` (a posterior draw, scaled) and
+`decode_latents` take and give (batch, latent_frames, latent_channels, h, w) scaled by the scaling
+factor; `encode`/`decode` are diffusers' contract ((batch, channels, frames, h, w), unscaled). Spatial
+tiling (`Tiling`, the tiled runs, the memory projection and the policy) is in `vae_tiling.py`.
+
 Time is causal: every 3x3x3 conv sees the current frame and the two before it. Video is processed a
-few frames at a time ("chunks", see `frame_chunks`) and the frames a conv needs from the previous
+few frames at a time ("chunks", see `geometry.frame_chunks`) and the frames a conv needs from the previous
 chunk travel in an explicit cache, a flat `dict[str, Tensor]` keyed by the conv's module path
 (e.g. "up_blocks.0.resnets.1.conv2") holding its last kt-1 *input* frames. A chunk function takes
 the previous chunk's cache and returns the next one; no module keeps state between calls. GroupNorm
@@ -22,16 +27,14 @@ Heavy math goes through the `OpSet` every module is built with: `ops.group_norm`
 fused into the call), `ops.spatial_norm` (the decoder's norms, latent resize and 1x1x1 convs
 included, when a backend has it fused; else composed of `resize_latent`, two 1x1x1
 `ops.causal_conv3d` and `ops.group_norm` with the modulation) and `ops.causal_conv3d` (every 3D
-conv, kernel 3 or 1, the resnet's skip connection added by its second conv). The up/downsamplers' per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and
-running them as 1x3x3 causal convs moves the result ~1e-6 away from diffusers (see
-`_per_frame_conv2d`), so they stay plain nn.Conv2d calls.
+conv, kernel 3 or 1, the resnet's skip connection added by its second conv). The up/downsamplers'
+per-frame 2D 3x3 convs are the exception: the op layer has no 2D conv, and running them as 1x3x3
+causal convs moves the result ~1e-6 away from diffusers (see `_per_frame_conv2d`), so they stay plain
+nn.Conv2d calls.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,6 +43,9 @@ from torch import nn
 
 from ..ops import OpSet, reference
 from ..ops.vae_norm import layout
+from .config import VAEConfig
+from .geometry import LATENT_FRAME_BATCH, SAMPLE_FRAME_BATCH, decoded_frames, encoded_frames, frame_chunks
+from .vae_tiling import Tiling, run_tiled
 
 logger = logging.getLogger("cvfast")
 
@@ -52,266 +58,6 @@ CHANNELS_LAST_BACKENDS = ("triton",)
 
 Cache = dict[str, torch.Tensor]  # conv module path -> its last kt-1 input frames, (b, c_in, kt-1, h, w)
 
-# Diffusers' frame batching (num_latent_frames_batch_size / num_sample_frames_batch_size). The VAE
-# was trained on these chunk lengths; other values change the output (per-chunk GroupNorm).
-LATENT_FRAME_BATCH = 2
-SAMPLE_FRAME_BATCH = 8
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
-    latent_channels: int = 16
-    layers_per_block: int = 3
-    act_fn: str = "silu"
-    norm_eps: float = 1e-6
-    norm_num_groups: int = 32
-    temporal_compression_ratio: float = 4
-    scaling_factor: float = 1.15258426
-    shift_factor: float | None = None
-    use_quant_conv: bool = False
-    use_post_quant_conv: bool = False
-    invert_scale_latents: bool = False
-    sample_height: int = 480
-    sample_width: int = 720
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        """From diffusers' `vae/config.json` contents; keys this VAE does not use are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in d.items() if k in names}
-        if "block_out_channels" in kept:
-            kept["block_out_channels"] = tuple(kept["block_out_channels"])
-        for key, block in (("down_block_types", "CogVideoXDownBlock3D"), ("up_block_types", "CogVideoXUpBlock3D")):
-            types = d.get(key)
-            if types is not None and (len(types) != len(kept.get("block_out_channels", cls.block_out_channels))
-                                      or any(t != block for t in types)):
-                raise ValueError(f"{key}={types!r}: expected one {block} per entry of block_out_channels")
-        cfg = cls(**kept)
-        cfg.check()
-        return cfg
-
-    def check(self) -> None:
-        if self.act_fn not in ("silu", "swish"):
-            raise ValueError(f"act_fn={self.act_fn!r}: the CogVideoX VAE uses silu")
-        level = math.log2(self.temporal_compression_ratio)
-        if level != int(level) or not 0 <= level <= len(self.block_out_channels) - 1:
-            raise ValueError(f"temporal_compression_ratio={self.temporal_compression_ratio!r}: expected a power "
-                             f"of 2 up to {self.spatial_factor}")
-        if self.use_quant_conv and self.latent_channels != self.out_channels:
-            # diffusers sizes quant_conv by 2 * out_channels (the *image* channels), so it only
-            # runs when latent_channels == out_channels; fail here rather than mid-encode.
-            raise ValueError("use_quant_conv needs latent_channels == out_channels (as in diffusers)")
-        if self.use_post_quant_conv and self.latent_channels != self.out_channels:
-            raise ValueError("use_post_quant_conv needs latent_channels == out_channels (as in diffusers)")
-
-    @property
-    def spatial_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @property
-    def temporal_factor(self) -> int:
-        return int(self.temporal_compression_ratio)
-
-    @property
-    def time_compress_levels(self) -> int:
-        """How many of the first down (and up) blocks also halve (double) the frame count."""
-        return int(math.log2(self.temporal_compression_ratio))
-
-
-def frame_chunks(num_frames: int, batch: int) -> list[slice]:
-    """The frame slices diffusers' `_encode`/`_decode` process one after the other.
-
-    num_frames // batch chunks of `batch` frames, the *first* one also taking the num_frames % batch
-    left over (so 13 latent frames -> [0:3], [3:5], ..., [11:13]; 49 sample frames -> [0:9],
-    [9:17], ..., [41:49]). Frame 0 is the causal VAE's lone "image" frame, so the odd leftover rides
-    with it and every later chunk has the trained length.
-    """
-    rem = num_frames % batch
-    count = max(num_frames // batch, 1)
-    return [slice(0 if i == 0 else batch * i + rem, min(batch * (i + 1) + rem, num_frames)) for i in range(count)]
-
-
-def decoded_frames(latent_frames: int, time_levels: int) -> int:
-    """Video frames the decoder makes from one chunk of `latent_frames`: each of the `time_levels`
-    time-doubling upsamplers maps t -> 2t for even t and 2t - 1 for odd t (the lone first frame is not
-    repeated), so a chunk of 2 gives 8 and a chunk of 3 gives 9 at temporal factor 4."""
-    t = latent_frames
-    for _ in range(time_levels):
-        t = 2 * t - (t % 2)
-    return t
-
-
-def encoded_frames(sample_frames: int, time_levels: int) -> int:
-    """Latent frames the encoder makes from one chunk of `sample_frames`: each time-halving
-    downsampler maps t -> (t + 1) // 2 (an odd first frame is kept, the rest averaged in pairs)."""
-    t = sample_frames
-    for _ in range(time_levels):
-        t = (t + 1) // 2
-    return t
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Spatial tiling of the VAE, with diffusers' `enable_tiling` semantics.
-
-    tile_sample_height/width: the tile in *video pixels*; the latent tile is that // spatial_factor
-    (240x360 px = 30x45 latent for CogVideoX 1.0). overlap_height/width: the fraction of a tile that
-    neighbouring tiles share; tiles start every int(tile * (1 - overlap)) input units and are
-    linearly cross-faded over int(tile * overlap) output units (see `TileGrid`). Zero overlap is
-    allowed here (diffusers treats 0 as "use the default").
-    """
-    tile_sample_height: int
-    tile_sample_width: int
-    overlap_height: float = 1 / 6
-    overlap_width: float = 1 / 5
-
-    def __post_init__(self):
-        if self.tile_sample_height < 1 or self.tile_sample_width < 1:
-            raise ValueError(f"tile size {self.tile_sample_height}x{self.tile_sample_width}: must be positive")
-        for name in ("overlap_height", "overlap_width"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1)")
-
-    @classmethod
-    def for_vae(cls, config: VAEConfig) -> "Tiling":
-        """diffusers' `enable_tiling()` defaults: half the VAE's sample size per tile (240x360 px for
-        CogVideoX 1.0, 384x680 px for 1.5), overlaps 1/6 (height) and 1/5 (width), which diffusers
-        chose by experiment at 480x720."""
-        return cls(config.sample_height // 2, config.sample_width // 2)
-
-    def grid(self, spatial_factor: int, *, decode: bool) -> "TileGrid":
-        """The tile geometry of a decode (latent in, video out) or an encode (video in, latent out)."""
-        f = spatial_factor
-        sample = (self.tile_sample_height, self.tile_sample_width)
-        latent = (sample[0] // f, sample[1] // f)
-        overlap = (self.overlap_height, self.overlap_width)
-        tile_in, tile_out = (latent, sample) if decode else (sample, latent)
-        # The expressions are diffusers' own (float products truncated by int()) so that the
-        # rounding agrees: e.g. a 4-latent tile at overlap 1/6 strides int(3.33) = 3.
-        stride = tuple(int(t * (1 - o)) for t, o in zip(tile_in, overlap))
-        blend = tuple(int(t * o) for t, o in zip(tile_out, overlap))
-        if min(tile_in) < 1 or min(stride) < 1:
-            raise ValueError(f"{self}: at spatial factor {f} the tile is {tile_in} input units with stride {stride}; "
-                             "both must be at least 1")
-        return TileGrid(tile_in, stride, blend, tuple(t - b for t, b in zip(tile_out, blend)),
-                        f if decode else 1, 1 if decode else f)
-
-    def keeps_size(self, spatial_factor: int, height: int, width: int, *, decode: bool) -> bool:
-        """Whether a tiled decode (latent height x width) or encode (pixels) of this input returns the
-        untiled call's size: always when one tile covers it, else when the grid is exact for it."""
-        grid = self.grid(spatial_factor, decode=decode)
-        if not grid.applies(height, width):
-            return True
-        return (grid.output_len(height, 0), grid.output_len(width, 1)) == (grid.out_len(height), grid.out_len(width))
-
-    def exact_for(self, spatial_factor: int) -> bool:
-        """Whether tiled output has the same height and width as untiled output, for decode and
-        encode. It does when each tile's kept part (tile - blend, output units) equals the stride in
-        output units; diffusers' defaults for 480x720 and 768x1360 satisfy this, but e.g. a 32x48 px
-        tile at factor 8 does not (decode stride 3 latent = 24 px, kept 32 - int(32/6) = 27 px), and
-        diffusers then returns a larger video with a few rows duplicated at every seam — cvfast
-        mirrors that and logs a warning."""
-        for g in (self.grid(spatial_factor, decode=True), self.grid(spatial_factor, decode=False)):
-            if any(s * g.up != k * g.down for s, k in zip(g.stride, g.keep)):
-                return False
-        return True
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """The tile geometry of one decode or encode, per axis (height, width).
-
-    tile, stride: input units (latent pixels for decode, video pixels for encode); blend, keep: output
-    units. Tiles start at 0, stride, 2*stride, ... < size (the last ones may be cut short by the
-    edge); each tile's first `blend` rows/columns are cross-faded with the previous tile's last ones,
-    then its first `keep` rows/columns are kept. An input length n maps to n * up // down output units.
-    """
-    tile: tuple[int, int]
-    stride: tuple[int, int]
-    blend: tuple[int, int]
-    keep: tuple[int, int]
-    up: int
-    down: int
-
-    def starts(self, size: int, axis: int) -> list[int]:
-        return list(range(0, size, self.stride[axis]))
-
-    def out_len(self, n: int) -> int:
-        return n * self.up // self.down
-
-    def tile_out_lens(self, size: int, axis: int) -> list[int]:
-        """Output length of each tile along an axis (before cropping)."""
-        return [self.out_len(min(self.tile[axis], size - s)) for s in self.starts(size, axis)]
-
-    def output_len(self, size: int, axis: int) -> int:
-        """Length of the assembled output along an axis for an input of `size`."""
-        return sum(min(n, self.keep[axis]) for n in self.tile_out_lens(size, axis))
-
-    def applies(self, height: int, width: int) -> bool:
-        """diffusers tiles only an input larger than one tile in height or width."""
-        return height > self.tile[0] or width > self.tile[1]
-
-
-def _blend_into(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
-    """Cross-fade the first e slices of `cur` along `dim` with the last e of `prev`, in place:
-    cur[k] = prev[-e + k] * (1 - k/e) + cur[k] * (k/e), k = 0..e-1, e = min(extent, both lengths).
-
-    One broadcast expression over the whole strip (the ramp is a tensor along `dim`). The weights are
-    computed in float64 and rounded once to the compute dtype, as diffusers' Python-float scalars are,
-    so fp32 results are bit-equal to diffusers' loop; half-precision tiles blend in float32."""
-    e = min(prev.shape[dim], cur.shape[dim], extent)
-    if e == 0:
-        return
-    shape = [1] * cur.dim()
-    shape[dim] = e
-    ramp = (torch.arange(e, dtype=torch.float64, device=cur.device) / e).reshape(shape)
-    compute = cur.dtype if cur.dtype in (torch.float32, torch.float64) else torch.float32
-    head = cur.narrow(dim, 0, e)
-    tail = prev.narrow(dim, prev.shape[dim] - e, e)
-    mixed = tail.to(compute) * (1 - ramp).to(compute) + head.to(compute) * ramp.to(compute)
-    head.copy_(mixed)
-
-
-def run_tiled(x: torch.Tensor, grid: TileGrid, run_tile: Callable[[torch.Tensor], torch.Tensor],
-              out: torch.Tensor) -> None:
-    """Process x (b, c, t, H, W) tile by tile with `run_tile` and write the blended, cropped mosaic
-    into `out` (b, c', t', grid.output_len(H, 0), grid.output_len(W, 1)).
-
-    Equal to diffusers' tiled_decode/tiled_encode: tiles are visited in row-major order and each is
-    first blended with the (already blended) tile above, then with the (already blended) tile to its
-    left, then cropped to `keep`. Instead of holding every decoded tile until the end, as diffusers
-    does, only what later tiles read is kept: the bottom `blend` rows of each tile of the previous tile
-    row and the right `blend` columns of the previous tile.
-    """
-    height, width = x.shape[-2:]
-    (th, tw), (bh, bw), (kh, kw) = grid.tile, grid.blend, grid.keep
-    above: list[torch.Tensor | None] = [None] * len(grid.starts(width, 1))
-    row_at = 0
-    for r0 in grid.starts(height, 0):
-        left: torch.Tensor | None = None
-        col_at = 0
-        kept_h = 0
-        for j, c0 in enumerate(grid.starts(width, 1)):
-            tile = run_tile(x[..., r0:r0 + th, c0:c0 + tw])
-            expect = (grid.out_len(min(th, height - r0)), grid.out_len(min(tw, width - c0)))
-            if tuple(tile.shape[-2:]) != expect:
-                raise RuntimeError(f"tile at ({r0}, {c0}) came out {tuple(tile.shape[-2:])}, expected {expect}")
-            if above[j] is not None:
-                _blend_into(above[j], tile, bh, dim=-2 % tile.dim())
-            if left is not None:
-                _blend_into(left, tile, bw, dim=-1 % tile.dim())
-            # clone: a view would keep the whole tile alive
-            above[j] = tile[..., tile.shape[-2] - min(bh, tile.shape[-2]):, :].clone()
-            left = tile[..., tile.shape[-1] - min(bw, tile.shape[-1]):].clone()
-            crop = tile[..., :kh, :kw]
-            out[..., row_at:row_at + crop.shape[-2], col_at:col_at + crop.shape[-1]] = crop
-            col_at += crop.shape[-1]
-            kept_h = crop.shape[-2]
-            del tile, crop
-        row_at += kept_h
 
 
 class CausalConv3d(nn.Module):
@@ -669,6 +415,30 @@ class CogVideoXVAE(nn.Module):
         moments = self._run(x, decode=False, frame_batch=frame_batch, tiling=tiling, sample_batch=sample_batch)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode_latents(self, latents: torch.Tensor, *, tiling: Tiling | None = None,
+                       tiles: Callable | None = None) -> torch.Tensor:
+        """The sampler's latents (batch, latent_frames, latent_channels, h, w), scaled by the scaling
+        factor as the transformer sees them -> video (batch, out_channels, frames, H, W) (see `decode`)."""
+        z = (latents.permute(0, 2, 1, 3, 4) / self.config.scaling_factor).to(self.dtype)
+        return self.decode(z, tiling=tiling, tiles=tiles)
+
+    def encode_latents(self, x: torch.Tensor, generator: torch.Generator, *, tiling: Tiling | None = None,
+                       as_image: bool = False) -> torch.Tensor:
+        """video x (batch, in_channels, frames, H, W) in [-1, 1] -> a posterior draw as the sampler's
+        latents (batch, latent_frames, latent_channels, h, w), multiplied by the scaling factor (the
+        inverse of `decode_latents`). as_image: the first-frame conditioning of image-to-video, which
+        VAEs with `invert_scale_latents` (CogVideoX 1.5) divide by the factor instead, as their I2V
+        models were trained."""
+        mean, logvar = self.encode(x, tiling=tiling)
+        z = self.sample_posterior(mean, logvar, generator).permute(0, 2, 1, 3, 4)
+        sf = self.config.scaling_factor
+        return z / sf if as_image and self.config.invert_scale_latents else z * sf
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights, which the VAE computes in."""
+        return next(self.parameters()).dtype
 
     @staticmethod
     def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor,

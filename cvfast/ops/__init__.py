@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from ..errors import bad_arg
+from ..core.errors import bad_arg
 from . import reference, sdpa
 from .dispatch import OP_NAMES, Impl, OpSet, reference_impl
 

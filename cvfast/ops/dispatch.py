@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import CVFastInputError
+from ..core.errors import CVFastInputError
 from . import reference
 
 log = logging.getLogger("cvfast")

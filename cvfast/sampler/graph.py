@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import bad_arg
+from ..core.errors import bad_arg
 from .static_step import StepBuffers, StepShape
 
 # Two shapes: an application alternating between two sizes (or CFG on and off) replays both;

@@ -8,13 +8,13 @@ what lets the later CUDA-graph sampler capture it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import bad_arg
+from ..core.checks import known_fields
+from ..core.errors import bad_arg
 
 SCHEDULER_KINDS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
 
@@ -38,8 +38,7 @@ class SchedulerConfig:
         name = d.get("_class_name", "CogVideoXDDIMScheduler")
         if name not in SCHEDULER_KINDS:
             raise ValueError(f"scheduler _class_name {name!r} is not supported: one of {sorted(SCHEDULER_KINDS)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(kind=SCHEDULER_KINDS[name], **{k: v for k, v in d.items() if k in names and k != "kind"})
+        cfg = cls(kind=SCHEDULER_KINDS[name], **{k: v for k, v in known_fields(cls, d).items() if k != "kind"})
         if cfg.beta_schedule not in ("scaled_linear", "linear"):
             raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported: scaled_linear or linear")
         if cfg.prediction_type not in ("v_prediction", "epsilon"):

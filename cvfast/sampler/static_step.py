@@ -65,7 +65,7 @@ class StepBuffers:
 
 
 def allocate(shape: StepShape, kind: str, transformer, device: torch.device, dtype: torch.dtype) -> StepBuffers:
-    """Uninitialised buffers for `shape` (`load` fills them), and the positional tables."""
+    """Uninitialised buffers for `shape` (`fill` fills them), and the positional tables."""
     b, f, c, h, w = shape.latents
     empty = functools.partial(torch.empty, device=device, dtype=dtype)
     model_in = empty(shape.copies * b, f, c + shape.cond_channels, h, w)
@@ -83,7 +83,7 @@ def allocate(shape: StepShape, kind: str, transformer, device: torch.device, dty
         step=empty(1, dtype=torch.int64), first_bad=empty(1, dtype=torch.int64))
 
 
-def load(buf: StepBuffers, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None,
+def fill(buf: StepBuffers, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None,
          plan: schedulers.StepPlan, scales: list[float], draw: Callable[[], torch.Tensor]) -> None:
     """Fill the buffers for one run, all by copy_ (a captured graph keeps reading the same memory).
     `draw()` returns one Gaussian draw of the latents' shape; the DPM steps' draws are all taken

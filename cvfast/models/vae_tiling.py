@@ -1,11 +1,17 @@
-"""How much memory a VAE decode/encode will take, before running it, and whether to tile.
+"""Spatial tiling of the VAE: the tile grid, the tiled run with diffusers' blending, the memory
+projection that says whether a call fits untiled, and the one policy (`decide`) that picks the
+tiling of a call, for one process and for a parallel job's decode.
+
+## Memory projection
+
+How much memory a VAE decode/encode will take, before running it, and whether to tile.
 
 `projected_decode_peak_bytes` / `projected_encode_peak_bytes` estimate the peak of the bytes that
 tensors hold during `CogVideoXVAE.decode` / `encode` (activations, conv caches, input and output;
 not the weights), from the config and the shapes alone. The estimate walks the network level by level
 (a level = one spatial resolution) and counts, at the widest point of each level, the tensors that the
-reference ops keep alive at the same time. It is a model of the code in `vae.py` and
-`ops/reference.py`, so it changes when they do; tests/test_vae_tiling.py checks it against a measured
+reference ops keep alive at the same time. It is a model of the code in `vae.py` and the
+reference ops, so it changes when they do; tests/test_vae_tiling.py checks it against a measured
 CPU peak and against the measured CUDA peak of the full-size decode.
 
 The formula (all sizes in bytes; s = bytes per element, B = videos processed at once):
@@ -59,11 +65,178 @@ measured on an H200 with ~0.4 GB of weights and the latent included.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .vae import (LATENT_FRAME_BATCH, SAMPLE_FRAME_BATCH, Tiling, VAEConfig, decoded_frames, encoded_frames,
-                  frame_chunks)
+from .config import VAEConfig
+from .geometry import LATENT_FRAME_BATCH, SAMPLE_FRAME_BATCH, decoded_frames, encoded_frames, frame_chunks
+
+logger = logging.getLogger("cvfast")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiling of the VAE, with diffusers' `enable_tiling` semantics.
+
+    tile_sample_height/width: the tile in *video pixels*; the latent tile is that // spatial_factor
+    (240x360 px = 30x45 latent for CogVideoX 1.0). overlap_height/width: the fraction of a tile that
+    neighbouring tiles share; tiles start every int(tile * (1 - overlap)) input units and are
+    linearly cross-faded over int(tile * overlap) output units (see `TileGrid`). Zero overlap is
+    allowed here (diffusers treats 0 as "use the default").
+    """
+    tile_sample_height: int
+    tile_sample_width: int
+    overlap_height: float = 1 / 6
+    overlap_width: float = 1 / 5
+
+    def __post_init__(self):
+        if self.tile_sample_height < 1 or self.tile_sample_width < 1:
+            raise ValueError(f"tile size {self.tile_sample_height}x{self.tile_sample_width}: must be positive")
+        for name in ("overlap_height", "overlap_width"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1)")
+
+    @classmethod
+    def for_vae(cls, config: VAEConfig) -> "Tiling":
+        """diffusers' `enable_tiling()` defaults: half the VAE's sample size per tile (240x360 px for
+        CogVideoX 1.0, 384x680 px for 1.5), overlaps 1/6 (height) and 1/5 (width), which diffusers
+        chose by experiment at 480x720."""
+        return cls(config.sample_height // 2, config.sample_width // 2)
+
+    def grid(self, spatial_factor: int, *, decode: bool) -> "TileGrid":
+        """The tile geometry of a decode (latent in, video out) or an encode (video in, latent out)."""
+        f = spatial_factor
+        sample = (self.tile_sample_height, self.tile_sample_width)
+        latent = (sample[0] // f, sample[1] // f)
+        overlap = (self.overlap_height, self.overlap_width)
+        tile_in, tile_out = (latent, sample) if decode else (sample, latent)
+        # The expressions are diffusers' own (float products truncated by int()) so that the
+        # rounding agrees: e.g. a 4-latent tile at overlap 1/6 strides int(3.33) = 3.
+        stride = tuple(int(t * (1 - o)) for t, o in zip(tile_in, overlap))
+        blend = tuple(int(t * o) for t, o in zip(tile_out, overlap))
+        if min(tile_in) < 1 or min(stride) < 1:
+            raise ValueError(f"{self}: at spatial factor {f} the tile is {tile_in} input units with stride {stride}; "
+                             "both must be at least 1")
+        return TileGrid(tile_in, stride, blend, tuple(t - b for t, b in zip(tile_out, blend)),
+                        f if decode else 1, 1 if decode else f)
+
+    def keeps_size(self, spatial_factor: int, height: int, width: int, *, decode: bool) -> bool:
+        """Whether a tiled decode (latent height x width) or encode (pixels) of this input returns the
+        untiled call's size: always when one tile covers it, else when the grid is exact for it."""
+        grid = self.grid(spatial_factor, decode=decode)
+        if not grid.applies(height, width):
+            return True
+        return (grid.output_len(height, 0), grid.output_len(width, 1)) == (grid.out_len(height), grid.out_len(width))
+
+    def exact_for(self, spatial_factor: int) -> bool:
+        """Whether tiled output has the same height and width as untiled output, for decode and
+        encode. It does when each tile's kept part (tile - blend, output units) equals the stride in
+        output units; diffusers' defaults for 480x720 and 768x1360 satisfy this, but e.g. a 32x48 px
+        tile at factor 8 does not (decode stride 3 latent = 24 px, kept 32 - int(32/6) = 27 px), and
+        diffusers then returns a larger video with a few rows duplicated at every seam — cvfast
+        mirrors that and logs a warning."""
+        for g in (self.grid(spatial_factor, decode=True), self.grid(spatial_factor, decode=False)):
+            if any(s * g.up != k * g.down for s, k in zip(g.stride, g.keep)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tile geometry of one decode or encode, per axis (height, width).
+
+    tile, stride: input units (latent pixels for decode, video pixels for encode); blend, keep: output
+    units. Tiles start at 0, stride, 2*stride, ... < size (the last ones may be cut short by the
+    edge); each tile's first `blend` rows/columns are cross-faded with the previous tile's last ones,
+    then its first `keep` rows/columns are kept. An input length n maps to n * up // down output units.
+    """
+    tile: tuple[int, int]
+    stride: tuple[int, int]
+    blend: tuple[int, int]
+    keep: tuple[int, int]
+    up: int
+    down: int
+
+    def starts(self, size: int, axis: int) -> list[int]:
+        return list(range(0, size, self.stride[axis]))
+
+    def out_len(self, n: int) -> int:
+        return n * self.up // self.down
+
+    def tile_out_lens(self, size: int, axis: int) -> list[int]:
+        """Output length of each tile along an axis (before cropping)."""
+        return [self.out_len(min(self.tile[axis], size - s)) for s in self.starts(size, axis)]
+
+    def output_len(self, size: int, axis: int) -> int:
+        """Length of the assembled output along an axis for an input of `size`."""
+        return sum(min(n, self.keep[axis]) for n in self.tile_out_lens(size, axis))
+
+    def applies(self, height: int, width: int) -> bool:
+        """diffusers tiles only an input larger than one tile in height or width."""
+        return height > self.tile[0] or width > self.tile[1]
+
+
+def blend_into(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
+    """Cross-fade the first e slices of `cur` along `dim` with the last e of `prev`, in place:
+    cur[k] = prev[-e + k] * (1 - k/e) + cur[k] * (k/e), k = 0..e-1, e = min(extent, both lengths).
+
+    One broadcast expression over the whole strip (the ramp is a tensor along `dim`). The weights are
+    computed in float64 and rounded once to the compute dtype, as diffusers' Python-float scalars are,
+    so fp32 results are bit-equal to diffusers' loop; half-precision tiles blend in float32."""
+    e = min(prev.shape[dim], cur.shape[dim], extent)
+    if e == 0:
+        return
+    shape = [1] * cur.dim()
+    shape[dim] = e
+    ramp = (torch.arange(e, dtype=torch.float64, device=cur.device) / e).reshape(shape)
+    compute = cur.dtype if cur.dtype in (torch.float32, torch.float64) else torch.float32
+    head = cur.narrow(dim, 0, e)
+    tail = prev.narrow(dim, prev.shape[dim] - e, e)
+    mixed = tail.to(compute) * (1 - ramp).to(compute) + head.to(compute) * ramp.to(compute)
+    head.copy_(mixed)
+
+
+def run_tiled(x: torch.Tensor, grid: TileGrid, run_tile: Callable[[torch.Tensor], torch.Tensor],
+              out: torch.Tensor) -> None:
+    """Process x (b, c, t, H, W) tile by tile with `run_tile` and write the blended, cropped mosaic
+    into `out` (b, c', t', grid.output_len(H, 0), grid.output_len(W, 1)).
+
+    Equal to diffusers' tiled_decode/tiled_encode: tiles are visited in row-major order and each is
+    first blended with the (already blended) tile above, then with the (already blended) tile to its
+    left, then cropped to `keep`. Instead of holding every decoded tile until the end, as diffusers
+    does, only what later tiles read is kept: the bottom `blend` rows of each tile of the previous tile
+    row and the right `blend` columns of the previous tile.
+    """
+    height, width = x.shape[-2:]
+    (th, tw), (bh, bw), (kh, kw) = grid.tile, grid.blend, grid.keep
+    above: list[torch.Tensor | None] = [None] * len(grid.starts(width, 1))
+    row_at = 0
+    for r0 in grid.starts(height, 0):
+        left: torch.Tensor | None = None
+        col_at = 0
+        kept_h = 0
+        for j, c0 in enumerate(grid.starts(width, 1)):
+            tile = run_tile(x[..., r0:r0 + th, c0:c0 + tw])
+            expect = (grid.out_len(min(th, height - r0)), grid.out_len(min(tw, width - c0)))
+            if tuple(tile.shape[-2:]) != expect:
+                raise RuntimeError(f"tile at ({r0}, {c0}) came out {tuple(tile.shape[-2:])}, expected {expect}")
+            if above[j] is not None:
+                blend_into(above[j], tile, bh, dim=-2 % tile.dim())
+            if left is not None:
+                blend_into(left, tile, bw, dim=-1 % tile.dim())
+            # clone: a view would keep the whole tile alive
+            above[j] = tile[..., tile.shape[-2] - min(bh, tile.shape[-2]):, :].clone()
+            left = tile[..., tile.shape[-1] - min(bw, tile.shape[-1]):].clone()
+            crop = tile[..., :kh, :kw]
+            out[..., row_at:row_at + crop.shape[-2], col_at:col_at + crop.shape[-1]] = crop
+            col_at += crop.shape[-1]
+            kept_h = crop.shape[-2]
+            del tile, crop
+        row_at += kept_h
+
 
 SPATIAL_NORM_LIVE = 6   # decoder norm: input, conv_y(z), conv_b(z), GroupNorm out, *scale, +shift
 GROUP_NORM_LIVE = 3     # encoder norm: input, GroupNorm out, SiLU out
@@ -268,3 +441,42 @@ def free_device_bytes(device: torch.device | str) -> int:
     except ImportError:
         return UNKNOWN_FREE_BYTES
     return int(psutil.virtual_memory().available)
+
+
+def decide(config: VAEConfig, setting: bool | str, *, decode: bool, batch: int, frames: int, height: int,
+           width: int, dtype: torch.dtype, device: torch.device, ranks: int = 1) -> Tiling | None:
+    """The tiling of one VAE call whose input is `batch` x `frames` x `height` x `width` (latent units
+    for a decode, pixels for an encode): `setting` True/False as asked (a size whose tiles would change
+    the output is refused before any work, see `keeps_size`); "auto":
+    - in one process, tile exactly when the projected peak of the untiled call does not fit in what
+      the device has free (read now: call it after the other components were offloaded) and the tiles
+      keep the output size (else it runs untiled, with one warning line);
+    - on `ranks` > 1 ranks (the parallel decode), tile whenever the VAE's tiles fit its frames exactly
+      (`Tiling.exact_for`: CogVideoX's own VAEs at their sizes), so that the ranks share the work,
+      whatever the memory."""
+    if setting is False:
+        return None
+    tiling = Tiling.for_vae(config)
+    if setting is True:
+        return tiling
+    if ranks > 1:
+        return tiling if tiling.exact_for(config.spatial_factor) else None
+    if decode:
+        untiled = projected_decode_peak_bytes(config, frames, height, width, dtype, batch=batch)
+    else:
+        untiled = projected_encode_peak_bytes(config, frames, height, width, dtype, batch=batch)
+    if not choose_tiling(untiled, free_device_bytes(device)):
+        return None
+    if not tiling.keeps_size(config.spatial_factor, height, width, decode=decode):
+        logger.warning("cvfast: the VAE would need tiling to fit in memory, but its tiles do not fit this size "
+                       "exactly (they would change the output size); running untiled")
+        return None
+    return tiling
+
+
+def keeps_size(config: VAEConfig, height: int, width: int, *, encode: bool) -> bool:
+    """Whether the VAE's default tiles keep the size of a video of height x width pixels: its decode,
+    and with `encode` (an image or video to encode) its encode too."""
+    tiling, f = Tiling.for_vae(config), config.spatial_factor
+    return tiling.keeps_size(f, height // f, width // f, decode=True) and (
+        not encode or tiling.keeps_size(f, height, width, decode=False))

@@ -7,16 +7,16 @@ benchmarks, never for output quality. Nothing is downloaded.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 
 import torch
 
-from .models.config import TransformerConfig
-from .models.text_encoder import TextEncoder
-from .models.transformer import CogVideoXTransformer
-from .models.vae import CogVideoXVAE, VAEConfig
-from .ops import OpSet
-from .pipeline import Pipeline
-from .sampler.schedulers import SchedulerConfig
+from ..models.config import TransformerConfig, VAEConfig
+from ..models.text_encoder import TextEncoder
+from ..models.transformer import CogVideoXTransformer
+from ..models.vae import CogVideoXVAE
+from ..sampler.schedulers import SchedulerConfig
+from .checkpoint import Checkpoint, Tensors
 
 SEED = 20240806  # fixed: "tiny" is the same model on every machine
 TEXT_DIM = 32
@@ -30,7 +30,7 @@ SCHEDULER = SchedulerConfig(kind="ddim", snr_shift_scale=1.0)
 DEFAULTS = dict(num_frames=9, height=64, width=96, fps=8)
 
 
-def _tokenizer():
+def char_tokenizer():
     """A character-level tokenizer with T5's special ids (pad 0, eos 1, unk 2), built in memory."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -43,22 +43,30 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def _text_encoder(vocab_size: int):
+def text_encoder(vocab_size: int):
     from transformers import T5Config, T5EncoderModel
     cfg = T5Config(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0)
     return T5EncoderModel(cfg)
 
 
-def build_tiny(device: torch.device, dtype: torch.dtype, ops: OpSet, offload: str = "none") -> Pipeline:
+def state(module: torch.nn.Module) -> Tensors:
+    return {key: (tensor, f"tiny:{key}") for key, tensor in module.state_dict().items()}
+
+
+def tiny_checkpoint(check: Callable[[TransformerConfig], None]) -> Checkpoint:
+    """The tiny model: every module built here with the fixed seed (they are a few MB), handed to the
+    assembler like any checkpoint's tensors; `check` sees the transformer config first."""
+    check(TRANSFORMER)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        tokenizer = _tokenizer()
-        t5 = _text_encoder(len(tokenizer))
-        transformer = CogVideoXTransformer(TRANSFORMER, ops)
-        vae = CogVideoXVAE(VAE, ops)
-    home = torch.device("cpu") if offload == "model" else device
-    modules = [m.to(device=home, dtype=dtype).eval().requires_grad_(False) for m in (t5, transformer, vae)]
-    return Pipeline(name="tiny", transformer=modules[1], vae=modules[2], text_encoder=TextEncoder(tokenizer, modules[0]),
-                    scheduler=SCHEDULER, ops=ops, device=device, dtype=dtype, defaults=dict(DEFAULTS),
-                    offload=offload)
+        tokenizer = char_tokenizer()
+        t5 = text_encoder(len(tokenizer))
+        transformer = CogVideoXTransformer(TRANSFORMER)
+        vae = CogVideoXVAE(VAE)
+
+    def encoder(device: torch.device, dtype: torch.dtype) -> TextEncoder:
+        return TextEncoder(tokenizer, t5.to(device=device, dtype=dtype).eval().requires_grad_(False))
+    return Checkpoint(name="tiny", transformer=TRANSFORMER, vae=VAE, scheduler=SCHEDULER,
+                      transformer_tensors=lambda: state(transformer), vae_tensors=lambda: state(vae),
+                      text_encoder=encoder, defaults=dict(DEFAULTS))

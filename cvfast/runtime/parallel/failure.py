@@ -24,12 +24,10 @@ import threading
 import time
 from typing import Callable
 
+from ...core.errors import RankFailedError
+
 POLL_S = 0.1
 ACK_WAIT_S = 5.0
-
-
-class RankFailedError(RuntimeError):
-    """Another rank of the parallel job failed; the message is that rank's error."""
 
 
 class FailureWatch:

@@ -1,4 +1,7 @@
-"""LoRA adapters in the diffusers/PEFT safetensors format, merged into the weights at load time.
+"""LoRA adapters, read in every supported format and merged into the weights at load time.
+
+Formats: diffusers/PEFT safetensors (`read_lora`), and SAT's matrix_A/matrix_B adapters in a SAT
+directory, its .pt or a safetensors with SAT names (`read_adapter` takes them all).
 
 A LoRA on a linear layer W (out, in) adds scale * (alpha / r) * B @ A with A (r, in) and B (out, r).
 cvfast merges that product into W once, so every backend runs at full speed with no extra matmuls;
@@ -19,18 +22,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import CVFastInputError
-from .weights import _QKV, _rename
+from ..core.errors import LoRAError, bad_arg
+from ..core.checks import is_number
+from . import sat_names
+from .diffusers import QKV_KEY, cvfast_name
+from .sat import checkpoint_file, load_pickle, lora_alpha, read_yaml, state_dict_of, transformer_dir
 
 _LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<ab>[AB])\.weight")
 # The top-level modules of diffusers' CogVideoXTransformer3DModel: keys without the "transformer."
 # prefix (a bare PEFT state dict) must start with one of them.
 _TRANSFORMER_ROOTS = ("transformer_blocks.", "patch_embed.", "time_embedding.", "ofs_embedding.", "norm_final.",
                       "norm_out.", "proj_out.")
-
-
-class LoRAError(CVFastInputError):
-    """An adapter that does not fit the loaded model; the message lists what did not match."""
 
 
 def _alpha_from_metadata(metadata: dict) -> tuple[float | None, list[str]]:
@@ -96,14 +98,14 @@ def lora_deltas(layers: dict[str, dict], params: dict[str, torch.Tensor], scale:
     out, unmatched = {}, []
     for layer, parts in layers.items():
         delta = scale * (parts["alpha"] / parts["A"].shape[0]) * (parts["B"].float() @ parts["A"].float())
-        qkv = _QKV.fullmatch(f"{layer}.weight")
+        qkv = QKV_KEY.fullmatch(f"{layer}.weight")
         if qkv:
             name = f"blocks.{qkv[1]}.qkv.weight"
             rows = params[name].shape[0] // 3 if name in params else 0
             index = "qkv".index(qkv[2])
             target = (name, slice(index * rows, (index + 1) * rows))
         else:
-            name = _rename(f"{layer}.weight")
+            name = cvfast_name(f"{layer}.weight")
             target = (name, slice(None)) if name in params else None
         if target is None or params[target[0]][target[1]].shape != delta.shape:
             have = tuple(params[target[0]][target[1]].shape) if target else "no such layer"
@@ -114,3 +116,72 @@ def lora_deltas(layers: dict[str, dict], params: dict[str, torch.Tensor], scale:
         raise LoRAError(f"{source}: LoRA layers that match no layer of this {len(params)}-tensor transformer: "
                         f"{unmatched[:8]}")
     return out
+
+
+def is_sat_safetensors(path: Path) -> bool:
+    with safe_open(str(path), framework="pt") as f:
+        return any(sat_names.LORA_KEY.fullmatch(k) for k in f.keys())  # noqa: SIM118 (no __iter__)
+
+
+def read_adapter(path, trust_pickle: bool = False) -> dict[str, dict]:
+    """The layers of a LoRA file in any supported format ({diffusers layer: {"A", "B", "alpha"}}):
+    a diffusers/PEFT safetensors, or SAT matrix_A/matrix_B adapters in a SAT directory (alpha from its
+    yaml), a SAT save folder with `latest`, a SAT .pt checkpoint or a safetensors with SAT names
+    (alpha 1, SAT's default)."""
+    path = Path(path).expanduser()
+    folder = transformer_dir(path) if path.is_dir() else None
+    if folder is not None:
+        ckpt_path, alpha = checkpoint_file(folder), lora_alpha(read_yaml(path))
+        state = state_dict_of(load_pickle(ckpt_path, trust_pickle), ckpt_path)
+    elif path.suffix == ".pt":
+        ckpt_path, alpha = path, 1.0
+        state = state_dict_of(load_pickle(path, trust_pickle), path)
+    elif path.suffix == ".safetensors" and path.is_file() and is_sat_safetensors(path):
+        ckpt_path, alpha = path, 1.0
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+    else:
+        return read_lora(path)
+    return sat_names.lora_layers(state, alpha, str(ckpt_path))
+
+
+@torch.no_grad()
+def add_deltas(weights: dict[str, torch.Tensor], deltas: dict[str, list[tuple[slice, torch.Tensor]]]) -> None:
+    """The one merge: W[rows] += delta for every (rows, delta) of `lora_deltas`, in place, in W's dtype."""
+    for name, parts in deltas.items():
+        weight = weights[name]
+        for rows, delta in parts:
+            weight[rows] += delta.to(weight.device, weight.dtype)
+
+
+class LoRAs:
+    """The LoRAs merged into one transformer, and the base tensors of the layers they changed (kept on
+    the CPU), so that `unload` restores them bit for bit."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self.backup: dict[str, torch.Tensor] = {}
+
+    def load(self, path, scale: float, trust_pickle: bool = False) -> list[str]:
+        """Merge the adapter at `path` (`read_adapter`'s formats) with `scale`; the parameters it changed."""
+        if not is_number(scale):
+            raise bad_arg("scale", scale, "a finite number")
+        return self.merge(read_adapter(path, trust_pickle), scale, str(path))
+
+    def merge(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
+        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them);
+        every layer is checked before any weight changes."""
+        params = dict(self.transformer.named_parameters())
+        deltas = lora_deltas(layers, params, float(scale), source)
+        for name in deltas:
+            self.backup.setdefault(name, params[name].detach().to("cpu", copy=True))
+        add_deltas(params, deltas)
+        return sorted(deltas)
+
+    @torch.no_grad()
+    def unload(self) -> None:
+        """Put back the base weights of every layer a LoRA changed."""
+        params = dict(self.transformer.named_parameters())
+        for name, original in self.backup.items():
+            params[name].copy_(original)
+        self.backup.clear()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ops import OpSet
+from ...ops import OpSet
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,6 @@ class SequenceParallel:
     def __init__(self, group, rank: int, ranks: int):
         self.group, self.rank, self.ranks = group, rank, ranks
         self.split: Split | None = None
-
-    def attach(self, transformer) -> None:
-        """Make `transformer` (a CogVideoXTransformer) split its video tokens over this group."""
-        transformer.sequence_parallel = self
-        for block in transformer.blocks:
-            block.ops = UlyssesOps(block.ops, self)
 
     def scatter(self, video: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> this rank's rows (B, n_r, D)."""

@@ -1,15 +1,14 @@
 """`cvfast export onnx ...` and `cvfast export tensorrt ...`."""
 from __future__ import annotations
 
-import sys
+from ..api import load
+from ..core.errors import CVFastInputError
+from ..export import build_engines, check_onnx, export_onnx, write_serving_repo
+from ..export.onnx import require_onnx
+from ..runtime.tensorrt import require_tensorrt
+from .report import error
 
-from ..errors import CVFastInputError
 
-TENSORRT_MISSING = (
-    "TensorRT is not installed (the Python package `tensorrt` cannot be imported). Install it on a machine "
-    "with an NVIDIA GPU and CUDA: `pip install tensorrt` (it must match the CUDA/driver of that machine). "
-    "The ONNX export does not need it: `cvfast export onnx --model M --out DIR` works here, and the engine "
-    "can be built from that file later (see the README.txt that --serving-repo writes).")
 def add_parser(sub) -> None:
     """Add `export` (with `onnx` and `tensorrt`) to the `cvfast` subcommands."""
     exp = sub.add_parser("export", help="export the transformer for serving (ONNX, TensorRT)")
@@ -38,15 +37,10 @@ def add_parser(sub) -> None:
             p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT's workspace limit")
 
 
-def _tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
-def _sizes(args, defaults: dict) -> list[tuple[int, int, int]]:
+def requested_sizes(args, defaults: dict) -> list[tuple[int, int, int]]:
+    """The --size values (frames,height,width), else --frames/--height/--width or the model's defaults."""
     if not args.size:
         return [(args.frames or defaults["num_frames"], args.height or defaults["height"],
                  args.width or defaults["width"])]
@@ -59,60 +53,51 @@ def _sizes(args, defaults: dict) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def _run_tensorrt(args) -> int:
-    if not _tensorrt_available():
-        print(f"cvfast: error: {TENSORRT_MISSING}", file=sys.stderr)
-        return 2
-    from .. import load
-    from .tensorrt_engine import build_engines
+def load_reference(args):
+    """The model to export, on the CPU with the reference ops (the exported graph never holds a kernel),
+    once the optional ONNX packages are known to be there (one missing is an input error, status 2)."""
     try:
-        pipe = load(args.model, device="cpu", dtype=args.dtype, backend="reference", allow_fp16=args.allow_fp16)
-        plans = build_engines(pipe, args.out, _sizes(args, pipe.defaults), batch=args.batch, dtype=pipe.dtype
-                              if args.dtype else None, text_len=args.text_len, workspace_gib=args.workspace_gib,
-                              allow_untrained_size=args.allow_untrained_size)
-    except (CVFastInputError, ImportError) as exc:
-        print(f"cvfast: error: {exc}", file=sys.stderr)
-        return 2
+        require_onnx()
+    except ImportError as exc:
+        raise CVFastInputError(str(exc)) from None
+    return load(args.model, device="cpu", dtype=args.dtype, backend="reference", allow_fp16=args.allow_fp16)
+
+
+def run_tensorrt(args) -> int:
+    require_tensorrt()
+    pipe = load_reference(args)
+    plans = build_engines(pipe, args.out, requested_sizes(args, pipe.defaults), batch=args.batch,
+                          dtype=pipe.dtype if args.dtype else None, text_len=args.text_len,
+                          workspace_gib=args.workspace_gib, allow_untrained_size=args.allow_untrained_size)
     for plan in plans:
         print(f"wrote {plan} (+ {plan.name}.json)")
     return 0
 
 
-def run(args) -> int:
-    if args.format == "tensorrt":
-        return _run_tensorrt(args)
-    from .. import load
-    from . import check_onnx, export_onnx, write_serving_repo
-    from .onnx_export import require_onnx
-    try:
-        require_onnx()
-        pipe = load(args.model, device="cpu", dtype=args.dtype, backend="reference", allow_fp16=args.allow_fp16)
-        d = pipe.defaults
-        path = export_onnx(pipe, args.out, frames=args.frames if args.frames is not None else d["num_frames"],
-                           height=args.height if args.height is not None else d["height"],
-                           width=args.width if args.width is not None else d["width"], batch=args.batch,
-                           text_len=args.text_len, allow_untrained_size=args.allow_untrained_size)
-    except (CVFastInputError, ImportError) as exc:
-        print(f"cvfast: error: {exc}", file=sys.stderr)
-        return 2
+def run_onnx(args) -> int:
+    pipe = load_reference(args)
+    d = pipe.defaults
+    path = export_onnx(pipe, args.out, frames=args.frames if args.frames is not None else d["num_frames"],
+                       height=args.height if args.height is not None else d["height"],
+                       width=args.width if args.width is not None else d["width"], batch=args.batch,
+                       text_len=args.text_len, allow_untrained_size=args.allow_untrained_size)
     print(f"wrote {path}" + (" (+ transformer.onnx.data)" if path.with_name(path.name + ".data").exists() else ""))
     status = 0
     if args.check:
-        from .validate import ONNXCheckError
-        try:
-            result = check_onnx(pipe, path)
-        except ONNXCheckError as exc:
-            print(f"cvfast: check failed: {exc}", file=sys.stderr)
-            return 1
+        result = check_onnx(pipe, path)  # ONNXCheckError: the one error printer, status 1
         for batch, s in result["batches"].items():
             print(f"check batch {batch}: relative L2 {s['rel_l2']:.3g}, max abs {s['max_abs']:.3g}, "
                   f"cosine {s['cosine']:.8f} (bound {result['bound']:g}, {result['dtype']}, {result['mode']})")
         if result["unsupported_ops"]:
-            print(f"cvfast: check failed: operators TensorRT's ONNX parser does not support: "
-                  f"{', '.join(result['unsupported_ops'])}", file=sys.stderr)
+            error(f"check failed: operators TensorRT's ONNX parser does not support: "
+                  f"{', '.join(result['unsupported_ops'])}")
             status = 1
         else:
             print("check TensorRT operators: all supported")
     if args.serving_repo is not None:
         print(f"wrote {write_serving_repo(path, args.serving_repo)}")
     return status
+
+
+def run(args) -> int:
+    return run_tensorrt(args) if args.format == "tensorrt" else run_onnx(args)

@@ -1,24 +1,31 @@
-"""Reading diffusers-layout safetensors and renaming them onto cvfast's modules at load time.
+"""A diffusers-layout CogVideoX folder as a `Checkpoint`: its configs, its safetensors (read when the
+assembler asks) renamed onto cvfast's modules, and its T5 text encoder.
+
+    FOLDER/model_index.json
+           transformer/, vae/        config.json + safetensors (one file, or shards with *.index.json)
+           text_encoder/, tokenizer/ transformers' T5EncoderModel and its tokenizer
+           scheduler/scheduler_config.json
 
 An unknown, missing or mis-shaped tensor is an error naming the file, the key and the expected shape.
-Only safetensors are read here (pickle checkpoints are the SAT loader's business, with its own
+Only safetensors are read here (pickle checkpoints are the SAT reader's business, with its own
 safety rules).
 """
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
-from ..errors import CVFastInputError
-
-
-class WeightError(CVFastInputError):
-    """A checkpoint does not match the model it is loaded into."""
+from ..core.errors import WeightError
+from ..models.config import TransformerConfig, VAEConfig, generation_defaults
+from ..models.text_encoder import TextEncoder
+from ..sampler.schedulers import SchedulerConfig
+from .checkpoint import Checkpoint, Tensors
+from .hub import read_json
 
 
 def safetensors_files(component_dir: Path) -> list[Path]:
@@ -70,10 +77,10 @@ _TRANSFORMER_RENAMES = [
     (r"norm_out\.norm\.(weight|bias)", r"out_norm.\1"),
     (r"proj_out\.(weight|bias)", r"proj_out.\1"),
 ]
-_QKV = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)")
+QKV_KEY = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)")
 
 
-def _rename(key: str) -> str | None:
+def cvfast_name(key: str) -> str | None:
     """cvfast's name for a diffusers transformer tensor other than to_q/to_k/to_v (None: unknown)."""
     for pattern, target in _TRANSFORMER_RENAMES:
         if re.fullmatch(pattern, key):
@@ -88,11 +95,11 @@ def transformer_state_dict(tensors: dict[str, tuple[torch.Tensor, Path]]) -> dic
     out, qkv_parts, unknown = {}, {}, []
     for key, (tensor, path) in tensors.items():
         where = f"{path}:{key}"
-        match = _QKV.fullmatch(key)
+        match = QKV_KEY.fullmatch(key)
         if match:
             qkv_parts.setdefault((match[1], match[3]), {})[match[2]] = (tensor, where)
             continue
-        name = _rename(key)
+        name = cvfast_name(key)
         if name is None:
             unknown.append(where)
             continue
@@ -116,32 +123,40 @@ def to_diffusers_state_dict(ours: dict[str, torch.Tensor], target_shapes: dict[s
     diffusers model whose `state_dict()` shapes are `target_shapes` (views, no copies)."""
     out = {}
     for key, shape in target_shapes.items():
-        match = _QKV.fullmatch(key)
+        match = QKV_KEY.fullmatch(key)
         if match:
             out[key] = ours[f"blocks.{match[1]}.qkv.{match[3]}"].chunk(3)["qkv".index(match[2])]
         else:
-            out[key] = ours[_rename(key)].reshape(shape)
+            out[key] = ours[cvfast_name(key)].reshape(shape)
     return out
 
 
-def load_into(module: nn.Module, named: dict[str, tuple[torch.Tensor, str]], component: str,
-              dtype: torch.dtype, device: torch.device) -> None:
-    """Copy every tensor into `module`'s parameters (cast to dtype, moved to device), checking that
-    the two sides name exactly the same tensors with the same shapes."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(named))
-    if missing:
-        raise WeightError(f"{component}: checkpoint lacks {len(missing)} tensors, e.g. "
-                          + ", ".join(f"{k} {tuple(expected[k].shape)}" for k in missing[:5]))
-    extra = sorted(set(named) - set(expected))
-    if extra:
-        raise WeightError(f"{component}: unexpected tensors {[named[k][1] for k in extra[:5]]}")
-    for key, (tensor, where) in named.items():
-        if tensor.shape != expected[key].shape:
-            raise WeightError(f"{component}: {where} has shape {tuple(tensor.shape)}, "
-                              f"expected {tuple(expected[key].shape)} for {key}")
-    # assign=True lets the module be built on the meta device: no random init of billions of
-    # parameters that are overwritten at once, and no second copy of the weights in memory.
-    module.load_state_dict({k: t.to(device=device, dtype=dtype) for k, (t, _) in named.items()},
-                           strict=True, assign=True)
-    module.requires_grad_(False)
+def text_encoder_loader(folder: Path):
+    """(device, dtype) -> the folder's T5 encoder and tokenizer (transformers), on device in dtype."""
+    def load(device: torch.device, dtype: torch.dtype) -> TextEncoder:
+        from transformers import AutoTokenizer, T5EncoderModel
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        model = T5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype, use_safetensors=True)
+        return TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False))
+    return load
+
+
+def open_folder(folder: Path, check: Callable[[TransformerConfig], None], name: str | None = None, *,
+                transformer_weights: bool = True) -> Checkpoint:
+    """The Checkpoint of a diffusers-layout folder: configs read now (`check` sees the transformer's
+    first), weights when the assembler asks. transformer_weights=False: the transformer's config only,
+    for a transformer that runs elsewhere (a TensorRT engine)."""
+    read_json(folder / "model_index.json")
+    transformer = TransformerConfig.from_dict(read_json(folder / "transformer" / "config.json"))
+    check(transformer)
+    vae = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
+    scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
+
+    def vae_tensors() -> Tensors:
+        return {key: (tensor, f"{path}:{key}") for key, (tensor, path) in read_tensors(folder / "vae").items()}
+    return Checkpoint(
+        name=name or str(folder), transformer=transformer, vae=vae, scheduler=scheduler,
+        transformer_tensors=(lambda: transformer_state_dict(read_tensors(folder / "transformer")))
+        if transformer_weights else None,
+        vae_tensors=vae_tensors, text_encoder=text_encoder_loader(folder),
+        defaults=generation_defaults(transformer, vae))

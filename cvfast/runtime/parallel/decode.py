@@ -17,7 +17,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ..models.vae import CogVideoXVAE, TileGrid, Tiling, run_tiled
+from ...models.vae import CogVideoXVAE
+from ...models.vae_tiling import TileGrid, decide, run_tiled
 
 
 def spread_tiles(x: torch.Tensor, grid: TileGrid, run_tile, out: torch.Tensor, *, rank: int, ranks: int) -> None:
@@ -49,16 +50,17 @@ def spread_tiles(x: torch.Tensor, grid: TileGrid, run_tile, out: torch.Tensor, *
             pass
 
 
-def decode(vae: CogVideoXVAE, z: torch.Tensor, vae_tiling: bool | str, rank: int, ranks: int) -> torch.Tensor | None:
-    """`vae.decode(z)` across the job, rank 0 getting the video and the others None. With tiling the
-    tiles are spread over the ranks: vae_tiling=True, and "auto", which in a parallel job tiles
-    whenever the VAE's tiles fit its frames exactly (`Tiling.exact_for`: CogVideoX's own VAEs at
-    their sizes) so that the ranks share the decode, whatever the memory. Without tiling, or when
-    one tile covers the latent, rank 0 decodes alone."""
-    tiling = None if vae_tiling is False else Tiling.for_vae(vae.config)
-    if vae_tiling == "auto" and not tiling.exact_for(vae.config.spatial_factor):
-        tiling = None  # tiles would change the frame size (as in diffusers): not without being asked
-    if tiling is not None and tiling.grid(vae.config.spatial_factor, decode=True).applies(*z.shape[-2:]):
-        video = vae.decode(z, tiling=tiling, tiles=functools.partial(spread_tiles, rank=rank, ranks=ranks))
+def decode(vae: CogVideoXVAE, latents: torch.Tensor, vae_tiling: bool | str, rank: int,
+           ranks: int) -> torch.Tensor | None:
+    """`vae.decode_latents(latents)` across the job, rank 0 getting the video and the others None.
+    The tiling is `vae_tiling.decide`'s for `ranks` ranks; when it tiles and the latent is larger than
+    one tile, the tiles are spread over the ranks, else rank 0 decodes alone."""
+    config = vae.config
+    batch, frames, _, height, width = latents.shape
+    tiling = decide(config, vae_tiling, decode=True, batch=batch, frames=frames, height=height, width=width,
+                    dtype=vae.dtype, device=latents.device, ranks=ranks)
+    if tiling is not None and tiling.grid(config.spatial_factor, decode=True).applies(height, width):
+        video = vae.decode_latents(latents, tiling=tiling, tiles=functools.partial(spread_tiles, rank=rank,
+                                                                                   ranks=ranks))
         return video if rank == 0 else None
-    return vae.decode(z) if rank == 0 else None
+    return vae.decode_latents(latents) if rank == 0 else None

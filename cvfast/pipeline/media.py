@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import bad_arg
+from ..core.errors import bad_arg
 
 
 def _frame_to_array(name: str, frame) -> np.ndarray:
@@ -45,6 +45,15 @@ def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     # Through 8-bit PIL, as diffusers resizes a PIL input: Lanczos, then back to [0, 1].
     img = Image.fromarray((frame * 255).round().astype(np.uint8)).resize((width, height), Image.LANCZOS)
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def frame_size(frame) -> tuple[int, int]:
+    """(height, width) of one conditioning frame, whatever its type."""
+    if hasattr(frame, "size") and not callable(frame.size) and not isinstance(frame, np.ndarray):
+        width, height = frame.size  # PIL
+        return height, width
+    shape = tuple(frame.shape)
+    return (shape[1], shape[2]) if isinstance(frame, torch.Tensor) else (shape[0], shape[1])
 
 
 def frames_list(name: str, value) -> list:

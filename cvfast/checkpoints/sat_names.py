@@ -1,7 +1,7 @@
 """SAT (CogVideo's SwissArmyTransformer engine) tensor names and configs, mapped onto diffusers'.
 
 A SAT checkpoint is translated to diffusers' names once; from there the diffusers loader
-(`weights.transformer_state_dict`) takes over, so there is one path from names to cvfast modules.
+(`diffusers.transformer_state_dict`) takes over, so there is one path from names to cvfast modules.
 The name facts come from the SAT model (`sat/dit_video_concat.py`, `sat/vae_modules/cp_enc_dec.py`,
 SwissArmyTransformer's `lora2.LoraMixin`) and diffusers' `convert_cogvideox_to_diffusers.py`:
 
@@ -24,8 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .lora import LoRAError
-from .weights import WeightError
+from ..core.errors import LoRAError, WeightError
 
 SAT_PREFIX = "model.diffusion_model."
 

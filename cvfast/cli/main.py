@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from .errors import CVFastInputError
-from .parallel import RankFailedError
+import numpy as np
+import torch.distributed as dist
+
+from ..api import generate
+from ..checkpoints.convert import convert_sat
+from ..core.errors import CVFastInputError
+from . import export
+from .report import run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
     convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
     _add_sat_arguments(convert)
-    from .export.cli import add_parser as add_export_parser
-    add_export_parser(sub)
+    export.add_parser(sub)
     return parser
 
 
@@ -65,14 +69,8 @@ def _add_sat_arguments(parser: argparse.ArgumentParser) -> None:
                              "only for files you trust")
 
 
-def _convert_sat(args) -> int:
-    from .sat_io import convert_sat
-    try:
-        out = convert_sat(args.sat_dir, args.out_dir, base=args.base, trust_pickle=args.trust_pickle)
-    except CVFastInputError as exc:
-        print(f"cvfast: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+def run_convert_sat(args) -> int:
+    print(f"wrote {convert_sat(args.sat_dir, args.out_dir, base=args.base, trust_pickle=args.trust_pickle)}")
     return 0
 
 
@@ -87,7 +85,6 @@ def _read_inputs(args) -> dict:
             raise CVFastInputError(f"--image {args.image!r} cannot be read as an image: {exc}") from None
     if args.video is not None:
         import imageio_ffmpeg
-        import numpy as np
         try:
             reader = imageio_ffmpeg.read_frames(args.video)
             meta = next(reader)
@@ -107,47 +104,39 @@ def _read_inputs(args) -> dict:
 
 def _end_distributed() -> None:
     """Tear down the process group of a parallel run, so the process exits cleanly."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "export":
-        from .export.cli import run as run_export
-        return run_export(args)
-    if args.command == "convert-sat":
-        return _convert_sat(args)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
-    logging.getLogger("cvfast").addHandler(handler)
-    from . import generate
-    try:
-        result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
-                          backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
-                          base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
-                          loras=[(path, args.lora_scale) for path in args.lora],
-                          vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
-                          cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                          **_read_inputs(args), negative_prompt=args.negative_prompt,
-                          num_frames=args.frames, height=args.height, width=args.width,
-                          num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
-                          parallel=args.parallel)
-    except CVFastInputError as exc:
-        print(f"cvfast: error: {exc}", file=sys.stderr)
-        return 2
-    except RankFailedError as exc:  # another rank's error; that rank prints its own traceback
-        print(f"cvfast: error: {exc}", file=sys.stderr)
-        return 1
+def run_generate(args) -> int:
+    result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
+                      backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
+                      base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
+                      loras=[(path, args.lora_scale) for path in args.lora],
+                      vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
+                      cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
+                      **_read_inputs(args), negative_prompt=args.negative_prompt,
+                      num_frames=args.frames, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
+                      parallel=args.parallel)
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
     if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
         return 0
-    t = result.timings
     print(f"wrote {args.out} (seed {result.seed})")
-    print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in t.items()))
+    print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in result.timings.items()))
     if result.peak_memory_gib:
         print("peak GPU memory: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} GiB"
                                               for k, v in result.peak_memory_gib.items()))
     return 0
+
+
+COMMANDS = {"generate": run_generate, "convert-sat": run_convert_sat, "export": export.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
+    logging.getLogger("cvfast").addHandler(handler)
+    return run(COMMANDS[args.command], args)

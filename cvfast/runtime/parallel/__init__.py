@@ -15,7 +15,5 @@ Modules: `config.py` (ParallelConfig, parsing, the checks that run before loadin
 """
 from .config import ParallelConfig, check_launch, check_model, parse
 from .context import ParallelContext, rank_device
-from .failure import RankFailedError
 
-__all__ = ["ParallelConfig", "ParallelContext", "RankFailedError", "check_launch", "check_model", "parse",
-           "rank_device"]
+__all__ = ["ParallelConfig", "ParallelContext", "check_launch", "check_model", "parse", "rank_device"]

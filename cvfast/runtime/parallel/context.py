@@ -9,11 +9,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..errors import bad_arg
+from ...core.errors import bad_arg
 from . import decode as parallel_decode
-from .config import ParallelConfig, check_cuda_graph
+from .config import ParallelConfig, refuse_cuda_graph
 from .failure import FailureWatch
-from .ulysses import SequenceParallel
+from ...ops import OpSet
+from .ulysses import SequenceParallel, UlyssesOps
 
 # Each context gets its own keys on the job's store; contexts are made in the same order on every
 # rank (every rank runs the same program), so the numbers agree.
@@ -81,6 +82,8 @@ class ParallelContext:
             if cfg > 1 else None
         self.ulysses_group = self._my_group([[c * ulysses + u for u in range(ulysses)] for c in range(cfg)]) \
             if ulysses > 1 else None
+        self.sequence = SequenceParallel(self.ulysses_group, self.ulysses_rank, ulysses) \
+            if self.ulysses_group is not None else None
         self.watch = FailureWatch(dist.distributed_c10d._get_default_store(), f"cvfast/{next(_CONTEXT_NUMBERS)}",
                                   self.rank, self.world, self._abort)
 
@@ -106,11 +109,14 @@ class ParallelContext:
         """Rank 0: the rank that reports progress, returns frames and writes files."""
         return self.rank == 0
 
-    def attach(self, pipe) -> None:
-        """Make `pipe` (a Pipeline, loaded on every rank alike) run as this rank."""
-        if self.ulysses_group is not None:
-            SequenceParallel(self.ulysses_group, self.ulysses_rank, self.config.ulysses).attach(pipe.transformer)
-        pipe.parallel = self
+    @property
+    def sequence_parallel(self) -> SequenceParallel | None:
+        """This rank's part of its Ulysses group (the transformer is built with it), or None."""
+        return self.sequence
+
+    def transformer_ops(self, ops: OpSet) -> OpSet | UlyssesOps:
+        """The ops the transformer is built with: with Ulysses, its attention wrapped in the all-to-alls."""
+        return ops if self.sequence is None else UlyssesOps(ops, self.sequence)
 
     def scope(self):
         """Wraps parallel work: an error on any rank ends every rank with that error (`failure.py`)."""
@@ -118,7 +124,7 @@ class ParallelContext:
 
     def check_request(self, guidance: float, cuda_graph: bool) -> None:
         """generate()'s arguments that a parallel pipeline cannot take."""
-        check_cuda_graph(self.config, cuda_graph)
+        refuse_cuda_graph(self.config, cuda_graph)
         if self.config.cfg == 2 and guidance <= 1.0:
             raise bad_arg("guidance_scale", guidance, f"> 1 with parallel={str(self.config)!r}: cfg=2 runs the two "
                           "CFG branches on different ranks, and guidance_scale <= 1 has only one (load with "
@@ -136,5 +142,6 @@ class ParallelContext:
         generator.set_state(shared[1])
         return shared[0]
 
-    def decode(self, vae, z: torch.Tensor, vae_tiling: bool | str) -> torch.Tensor | None:
-        return parallel_decode.decode(vae, z, vae_tiling, self.rank, self.world)
+    def decode(self, vae, latents: torch.Tensor, vae_tiling: bool | str) -> torch.Tensor | None:
+        """`vae.decode_latents` across the job: rank 0 gets the video, the others None."""
+        return parallel_decode.decode(vae, latents, vae_tiling, self.rank, self.world)

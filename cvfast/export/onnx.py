@@ -55,21 +55,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CVFastInputError, bad_arg
+from ..core.checks import check_fp16, positive_int, resolve_dtype
+from ..core.errors import ONNXExportError, bad_arg
+from ..models.geometry import check_size, latent_shape
+from ..models.transformer import CogVideoXTransformer
+from ..ops import resolve
+from ..runtime.tensorrt import INPUT_NAMES, OFS_INPUT, OUTPUT_NAME
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
 OPSET = 18
 MODEL_FILE = "transformer.onnx"
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf caps one message at 2 GiB
-INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "timestep")
-OFS_INPUT = "ofs"
-OUTPUT_NAME = "noise_pred"
 BATCH_DIM = "batch"
-_MAX_BATCH = 4096
-
-
-class ONNXExportError(RuntimeError):
-    """The exporter produced something cvfast cannot vouch for (e.g. a batch dimension fixed to 1)."""
+MAX_BATCH = 4096
 
 
 def require_onnx() -> None:
@@ -123,8 +121,6 @@ class TransformerForExportOfs(TransformerForExport):
 def reference_transformer(pipe, dtype: torch.dtype) -> nn.Module:
     """A transformer with the reference ops (SDPA attention) on the CPU in `dtype`, sharing `pipe`'s weight tensors
     when they already are CPU tensors of that dtype (no copy), else converted copies."""
-    from ..models.transformer import CogVideoXTransformer
-    from ..ops import resolve
     src = pipe.transformer
     with torch.device("meta"):
         tr = CogVideoXTransformer(src.cfg, resolve("sdpa", "cpu"))
@@ -136,7 +132,7 @@ def reference_transformer(pipe, dtype: torch.dtype) -> nn.Module:
 def export_shapes(pipe, frames: int, height: int, width: int, text_len: int | None = None) -> dict:
     """The exported input shapes (without the batch) for a size in pixels."""
     cfg = pipe.config
-    latent_frames, _, lh, lw = pipe._latent_shape(frames, height, width)
+    latent_frames, _, lh, lw = latent_shape(cfg, pipe.vae.config, frames, height, width)
     return {"hidden_states": (latent_frames, cfg.in_channels, lh, lw),
             "encoder_hidden_states": (text_len or cfg.max_text_seq_length, cfg.text_embed_dim),
             "timestep": (), OFS_INPUT: (),
@@ -183,24 +179,20 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _check_args(pipe, frames, height, width, batch, dtype, text_len, allow_untrained_size):
-    from ..loading import _check_fp16, resolve_dtype
-    from ..pipeline import _positive_int
-    frames = _positive_int("frames", frames)
-    height = _positive_int("height", height)
-    width = _positive_int("width", width)
-    batch = _positive_int("batch", batch)
-    if batch > _MAX_BATCH:
-        raise bad_arg("batch", batch, f"at most {_MAX_BATCH}")
+def check_arguments(pipe, frames, height, width, batch, dtype, text_len, allow_untrained_size):
+    """export_onnx's arguments, checked with generate()'s rules and named as the export names them."""
+    frames = positive_int("frames", frames)
+    height = positive_int("height", height)
+    width = positive_int("width", width)
+    batch = positive_int("batch", batch)
+    if batch > MAX_BATCH:
+        raise bad_arg("batch", batch, f"at most {MAX_BATCH}")
     cfg = pipe.config
-    mode = "i2v" if cfg.is_image_to_video else "t2v"
-    try:
-        pipe._check_size(frames, height, width, mode, allow_untrained_size)
-    except CVFastInputError as exc:  # same rules as generate(); name the export's arguments
-        raise CVFastInputError(str(exc).replace("num_frames", "frames")) from None
+    check_size(cfg, pipe.vae.config, frames, height, width, image_to_video=cfg.is_image_to_video,
+               allow_untrained_size=allow_untrained_size, frames_name="frames")
     dt = pipe.dtype if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    _check_fp16(dt, cfg, allow_fp16=pipe.dtype == torch.float16)
-    text_len = cfg.max_text_seq_length if text_len is None else _positive_int("text_len", text_len)
+    check_fp16(dt, cfg.variant, allow_fp16=pipe.dtype == torch.float16)
+    text_len = cfg.max_text_seq_length if text_len is None else positive_int("text_len", text_len)
     if cfg.use_learned_positional_embeddings and text_len != cfg.max_text_seq_length:
         raise bad_arg("text_len", text_len, f"{cfg.max_text_seq_length} for this model (its learned positional "
                       "table includes the text tokens)")
@@ -227,7 +219,7 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
     if pipe.parallel is not None:
         raise bad_arg("pipe", pipe.name, "a pipeline loaded without parallel=...: the export traces one process's "
                       "whole transformer, not a rank's share of it")
-    frames, height, width, batch, dt, text_len = _check_args(pipe, frames, height, width, batch, dtype, text_len,
+    frames, height, width, batch, dt, text_len = check_arguments(pipe, frames, height, width, batch, dtype, text_len,
                                                              allow_untrained_size)
     if isinstance(external_data_threshold_bytes, bool) or not isinstance(external_data_threshold_bytes, int) \
             or external_data_threshold_bytes < 0:
@@ -249,7 +241,7 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
     # torch.export turns a size-1 example dimension into the constant 1: trace at batch >= 2.
     example = example_inputs(pipe, shapes, max(batch, 2), dt, torch.Generator().manual_seed(0))
     names = list(example)
-    dim = torch.export.Dim(BATCH_DIM, min=1, max=_MAX_BATCH)
+    dim = torch.export.Dim(BATCH_DIM, min=1, max=MAX_BATCH)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(module, tuple(example.values()), dynamo=True, opset_version=OPSET,
                                     input_names=names, output_names=[OUTPUT_NAME],

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import bad_arg
-from ..models.config import TransformerConfig
+from ...core.errors import bad_arg
+from ...models.config import TransformerConfig
 
 KEYS = ("cfg", "ulysses")
 FORMAT = "'cfg=C,ulysses=U' (C in 1..2, U >= 1, either may be left out; e.g. 'cfg=2,ulysses=2')"
@@ -87,10 +87,10 @@ def check_launch(config: ParallelConfig, offload: str, cuda_graph) -> None:
     if config.world_size > 1 and offload != "none":
         raise bad_arg("offload", offload, f"'none' with parallel={str(config)!r}: each rank already holds only "
                       "its share of the work; offloading is not combined with it")
-    check_cuda_graph(config, cuda_graph)
+    refuse_cuda_graph(config, cuda_graph)
 
 
-def check_cuda_graph(config: ParallelConfig, cuda_graph) -> None:
+def refuse_cuda_graph(config: ParallelConfig, cuda_graph) -> None:
     """load()'s default and each generate() call: no CUDA graphs in a parallel job (yet)."""
     if config.world_size > 1 and cuda_graph is True:
         raise bad_arg("cuda_graph", cuda_graph, f"False or 'auto' with parallel={str(config)!r}: the step's "

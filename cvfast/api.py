@@ -1,0 +1,114 @@
+"""The front door: `load()` a model into a Pipeline, `generate()` in one call, `save_video()`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .build import build
+from .checkpoints import open_checkpoint
+from .core.checks import check_fp16, resolve_device, resolve_dtype
+from .core.errors import CVFastInputError, bad_arg
+from .models.config import TransformerConfig
+from .ops import resolve
+from .pipeline import GenerationResult, Pipeline
+from .runtime import Offload, Runtime
+from .runtime import parallel as par
+from .runtime.tensorrt import TensorRTTransformer, check_model, read_spec, require_tensorrt
+from .sampler import graph
+from .video import save_video
+
+
+def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
+         offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
+         parallel=None, engine=None) -> Pipeline:
+    """Load a CogVideoX pipeline.
+
+    model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
+    seeded random-weight model of the real architecture; its video is noise). device: default CUDA
+    when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
+    "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep
+    the components on the CPU and bring each to the device only while it runs (text encoder,
+    transformer, VAE). cuda_graph: generate()'s default: False, True (replay each denoising step
+    from a CUDA graph captured per shape; CUDA only, without offload) or "auto" (see
+    `cvfast/sampler/graph.py`). A SAT checkpoint directory (see `cvfast/checkpoints/sat.py`) also loads; base:
+    the diffusers folder or hub id its text encoder, tokenizer and scheduler come from;
+    trust_pickle=True unpickles its checkpoints without the allowlist, which runs code from the files.
+    parallel: None, or e.g. "cfg=2,ulysses=2" (or a `cvfast.ParallelConfig`) in a program
+    started by torchrun on cfg * ulysses ranks (see `cvfast/runtime/parallel/`); a CUDA device without an
+    index becomes this rank's GPU (LOCAL_RANK). Checked before the weights load.
+    backend="tensorrt" with engine=PATH (from `cvfast export tensorrt`): the denoiser runs from that
+    engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
+    loaded. An engine built for another model, size or precision is refused, naming which.
+    """
+    config = par.parse(parallel)
+    if config is not None:
+        par.check_launch(config, offload, cuda_graph)
+        config = config if config.world_size > 1 else None  # cfg=1,ulysses=1: a single process
+    dev = resolve_device(device)
+    if backend == "tensorrt" or engine is not None:
+        if config is not None:
+            raise bad_arg("parallel", parallel, "None with backend='tensorrt' (an engine runs on one GPU)")
+        return load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
+    dev = par.rank_device(dev) if config is not None else dev
+    dt = resolve_dtype(dtype, dev)
+    ops = resolve(backend, dev)
+    placement = Offload(offload, dev)
+    graph.check_setting(cuda_graph, dev, offload)
+
+    def check(cfg: TransformerConfig) -> None:
+        # The embedded tiny model is exempt from the fp16 policy: its output is noise in any dtype.
+        check_fp16(dt, cfg.variant, allow_fp16 or str(model) == "tiny")
+        if config is not None:
+            par.check_model(config, cfg)
+    checkpoint = open_checkpoint(model, check, base=base, trust_pickle=trust_pickle)
+    context = par.ParallelContext(config, dev) if config is not None else None
+    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context), ops)
+
+
+def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, offload: str, cuda_graph,
+                     base) -> Pipeline:
+    """load(backend="tensorrt", engine=PATH): every check before anything heavy; the VAE and text
+    encoder load as usual, the transformer's weights are not read."""
+    if backend != "tensorrt":
+        raise bad_arg("engine", str(engine), f"None with backend={backend!r} (an engine needs backend='tensorrt')")
+    if engine is None:
+        raise bad_arg("engine", None, "the path of an engine from `cvfast export tensorrt` with backend='tensorrt'")
+    spec = read_spec(engine)
+    if dev.type != "cuda":
+        raise bad_arg("device", str(dev), "a CUDA device for backend='tensorrt'")
+    dt = resolve_dtype(dtype if dtype is not None else spec["dtype"], dev)
+    if offload != "none":
+        raise bad_arg("offload", offload, "'none' with backend='tensorrt' (the engine holds the transformer)")
+    if cuda_graph is True:
+        raise bad_arg("cuda_graph", cuda_graph, "False or 'auto' with backend='tensorrt' (capturing an engine's "
+                      "execution is not supported yet)")
+    if base is not None:
+        raise bad_arg("base", base, "None with backend='tensorrt' (convert a SAT checkpoint first: cvfast convert-sat)")
+    require_tensorrt()
+
+    def check(cfg: TransformerConfig) -> None:
+        check_fp16(dt, cfg.variant, allow_fp16)
+        check_model(spec, cfg, dt, engine)
+    checkpoint = open_checkpoint(model, check, transformer_weights=False)
+    runtime = Runtime(dev, dt, Offload("none", dev), cuda_graph)
+    return build(checkpoint, runtime, resolve("auto", dev), TensorRTTransformer(engine, spec, checkpoint.transformer, dev))
+
+
+def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,
+             backend: str = "auto", allow_fp16: bool = False, offload: str = "none", loras=(),
+             base=None, trust_pickle: bool = False, parallel=None, engine=None,
+             **kwargs) -> GenerationResult | None:
+    """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
+    when `out` is not None, write the first video to `out` as mp4. parallel: as in `load`; then
+    rank 0 writes the video and returns the result, the other ranks return None."""
+    if out is not None and Path(out).suffix.lower() != ".mp4":
+        raise CVFastInputError(f"out={str(out)!r} is not accepted: a path ending in .mp4 (or None)")
+    if out is not None and kwargs.get("output_type", "np") == "latent":
+        raise CVFastInputError("output_type='latent' is not accepted with out=...: latents are not a video")
+    pipe = load(model, device=device, dtype=dtype, backend=backend, allow_fp16=allow_fp16, offload=offload,
+                base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine)
+    for path, scale in loras:  # (path, scale) pairs merged into the transformer before generating
+        pipe.load_lora(path, scale, trust_pickle=trust_pickle)
+    result = pipe.generate(prompt, **kwargs)
+    if out is not None and result is not None:
+        save_video(result.frames[0], out, fps=result.fps)
+    return result

@@ -1,0 +1,43 @@
+"""The one assembler: a `Checkpoint` (from any model source) and the runtime choices -> a `Pipeline`.
+`cvfast.load`, the benchmarks and every model source go through `build`."""
+from __future__ import annotations
+
+import torch
+
+from .checkpoints import Checkpoint, load_into
+from .checkpoints.lora import LoRAs
+from .core.errors import CVFastInputError
+from .models.transformer import CogVideoXTransformer
+from .models.vae import CogVideoXVAE
+from .ops import OpSet
+from .pipeline import Components, Pipeline
+from .runtime import Runtime
+from .runtime.tensorrt import TensorRTTransformer
+
+
+def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRTTransformer | None = None) -> Pipeline:
+    """Build the modules on the meta device, put the checkpoint's tensors into them (cast to the
+    runtime's dtype, where offloading keeps them), load the text encoder, merge a LoRA the checkpoint
+    carries. engine: a TensorRT engine that replaces the transformer (whose weights are not read)."""
+    t_cfg, v_cfg = checkpoint.transformer, checkpoint.vae
+    if t_cfg.out_channels != v_cfg.latent_channels:
+        raise CVFastInputError(f"{checkpoint.name}: transformer out_channels {t_cfg.out_channels} != VAE "
+                               f"latent_channels {v_cfg.latent_channels}")
+    parallel, home, dtype = runtime.parallel, runtime.offload.home, runtime.dtype
+    with torch.device("meta"):
+        transformer = None if engine is not None else CogVideoXTransformer(
+            t_cfg, ops if parallel is None else parallel.transformer_ops(ops),
+            sequence_parallel=None if parallel is None else parallel.sequence_parallel)
+        vae = CogVideoXVAE(v_cfg, ops)
+    if transformer is not None:
+        load_into(transformer, checkpoint.transformer_tensors(), "transformer", dtype, home)
+    load_into(vae, checkpoint.vae_tensors(), "vae", dtype, home)
+    text_encoder = checkpoint.text_encoder(home, dtype)
+    loras = LoRAs(transformer) if transformer is not None else None
+    components = Components(name=checkpoint.name, transformer=engine or transformer.eval(), vae=vae.eval(),
+                            text_encoder=text_encoder, scheduler=checkpoint.scheduler, ops=ops,
+                            defaults=checkpoint.defaults, loras=loras)
+    layers = checkpoint.lora() if checkpoint.lora is not None and loras is not None else None
+    if layers is not None:
+        loras.merge(layers, 1.0, checkpoint.lora_source)
+    return Pipeline(components, runtime)

@@ -1,0 +1,287 @@
+"""Generation: validate, encode text (and the image or video), denoise, decode.
+
+Three modes share one path: text-to-video; image-to-video (an I2V model: the image's latent is
+concatenated to the noise on channels); video-to-video (a T2V model: the video's latent, noised to
+the timestep `strength` selects, replaces the initial noise). Latents keep the sampler's layout
+(batch, latent_frames, channels, h, w), scaled as the transformer sees them, from the VAE's encoder
+to its decoder.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import torch
+
+from ..core.errors import CVFastInputError, NonFiniteLatentsError
+from ..models.config import TransformerConfig
+from ..models.geometry import latent_shape, padding_frames
+from ..models.vae_tiling import decide
+from ..runtime import Runtime
+from ..sampler import graph, loop, schedulers
+from .components import Components
+from .media import to_vae_input
+from .request import Request, Text, validate, validate_text
+from .result import GenerationResult, StageMeter
+
+
+class Pipeline:
+    """A loaded CogVideoX model. Build with `cvfast.load()`: its one assembler (`cvfast.build`) hands
+    over the built components and how they run; nothing is swapped in afterwards."""
+
+    def __init__(self, components: Components, runtime: Runtime):
+        self.components, self.runtime = components, runtime
+        self.name, self.transformer, self.vae = components.name, components.transformer, components.vae
+        self.text_encoder, self.scheduler, self.ops = components.text_encoder, components.scheduler, components.ops
+        self.defaults = components.defaults
+        self.device, self.dtype, self.cuda_graph = runtime.device, runtime.dtype, runtime.cuda_graph
+        self.offload, self.parallel = runtime.offload.mode, runtime.parallel
+        # What the sampler step calls: the transformer, or a CFG-parallel rank's share of it.
+        self.denoiser = self.transformer if self.parallel is None else self.parallel.denoiser(self.transformer)
+        self.graphs: graph.GraphCache | None = None  # the step graphs, made on first use (cuda_graph)
+
+    @property
+    def config(self) -> TransformerConfig:
+        """The transformer's config."""
+        return self.transformer.cfg
+
+    def backends(self) -> dict[str, str]:
+        """Which backend each op got, e.g. {'attention': 'sdpa', 'rope': 'reference', ...}."""
+        return self.ops.names()
+
+    def __repr__(self) -> str:
+        return (f"Pipeline({self.name!r}, variant={self.config.variant}, device={self.device}, "
+                f"dtype={self.dtype}, scheduler={self.scheduler.kind}, offload={self.offload})")
+
+    # -- LoRA -------------------------------------------------------------------------------------
+
+    def load_lora(self, path, scale: float = 1.0, *, trust_pickle: bool = False) -> list[str]:
+        """Merge a LoRA into the transformer's weights: W += scale * alpha / r * B @ A. path: a
+        diffusers/PEFT-format .safetensors (or a folder holding one), or SAT matrix_A/matrix_B adapters
+        (a SAT checkpoint directory, its .pt, or a .safetensors with SAT names; see
+        `cvfast.checkpoints.lora.read_adapter`). trust_pickle: as in `cvfast.load`. Several LoRAs
+        stack; `unload_lora()` restores the base weights bit for bit. Returns the parameters it changed."""
+        return self._adapters(str(path)).load(path, scale, trust_pickle)
+
+    def merge_lora(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
+        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them)."""
+        return self._adapters(source).merge(layers, scale, source)
+
+    def unload_lora(self) -> None:
+        """Put back the base weights of every layer a LoRA changed (bit-identical)."""
+        if self.components.loras is not None:
+            self.components.loras.unload()
+
+    def _adapters(self, source: str):
+        if self.components.loras is None:
+            raise CVFastInputError(f"{source}: a LoRA cannot be merged into a TensorRT engine; merge it into the "
+                                   "model (load_lora on a PyTorch pipeline), then build the engine from that")
+        return self.components.loras
+
+    # -- placement (offload="model") ----------------------------------------------------------
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The components' modules by name, as offloading moves them."""
+        return {"text_encoder": self.text_encoder.model, "transformer": self.transformer, "vae": self.vae}
+
+    def placement(self) -> dict[str, str]:
+        """Where each component's weights are now, e.g. {'transformer': 'cpu', 'vae': 'cuda:0', ...}."""
+        return {name: str(next(m.parameters()).device) for name, m in self.modules().items()}
+
+    def _use(self, name: str) -> None:
+        self.runtime.offload.use(self.modules(), name)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def request(self, **arguments) -> Request:
+        """The validated Request of a generate() call with these arguments (generate()'s names and
+        defaults), without running it; CVFastInputError names the first argument it cannot take."""
+        return validate(self.components, self.runtime, **arguments)
+
+    def encode_prompts(self, text: Text) -> torch.Tensor:
+        """Text embeddings for the batch: (2B, L, D) [negative; positive] with CFG, else (B, L, D).
+        Whatever needs encoding goes through T5 in one batched call."""
+        cfg_on = text.guidance > 1.0
+        texts = []
+        if cfg_on and text.negative_embeds is None:
+            texts += text.negative or [""] * text.batch
+        if text.prompt_embeds is None:
+            texts += text.prompts
+        encoded = None
+        if texts:
+            self._use("text_encoder")
+            encoded = self.text_encoder.encode(texts, text.max_len, self.device, self.dtype)
+        cond = text.prompt_embeds.to(self.device, self.dtype) if text.prompt_embeds is not None \
+            else encoded[-text.batch:]
+        if not cfg_on:
+            return cond
+        uncond = text.negative_embeds.to(self.device, self.dtype) if text.negative_embeds is not None \
+            else encoded[:text.batch]
+        return torch.cat((uncond, cond))
+
+    @torch.no_grad()
+    def encode_text(self, prompt, *, negative_prompt=None, guidance_scale: float = 6.0,
+                    max_sequence_length: int | None = None) -> torch.Tensor:
+        """The text stage of `generate` on its own: (2B, L, D) [negative; positive] with CFG
+        (guidance_scale > 1), else (B, L, D); split it into prompt_embeds/negative_prompt_embeds."""
+        return self.encode_prompts(validate_text(self.components, prompt, negative_prompt, None, None,
+                                                 guidance_scale, max_sequence_length))
+
+    def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise drawn on the generator's device in the pipeline dtype, then moved: what
+        diffusers' randn_tensor does, so a CPU generator gives the same numbers on every device."""
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+
+    def encode_frames(self, req: Request, generator: torch.Generator) -> torch.Tensor:
+        """The conditioning frames through the VAE encoder and a posterior draw, as the sampler's
+        latents (1, latent_frames, C, h, w) in the pipeline dtype (`CogVideoXVAE.encode_latents`)."""
+        self._use("vae")
+        x = to_vae_input("image" if req.mode == "i2v" else "video", req.frames, req.height, req.width,
+                         self.device, self.vae.dtype)
+        if req.image_noise_sigma is not None:
+            # The SAT engine's first-frame augmentation: Gaussian pixel noise with a log-normal sigma
+            # (log sigma ~ N(-3, 0.5)), or a fixed sigma.
+            sigma = req.image_noise_sigma
+            if sigma == "sample":
+                sigma = math.exp(-3.0 + 0.5 * torch.randn((), generator=generator).item())
+            noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=self.vae.dtype)
+            x = x + sigma * noise.to(self.device)
+        batch, _, frames, height, width = x.shape
+        tiling = decide(self.vae.config, req.vae_tiling, decode=False, batch=batch, frames=frames, height=height,
+                        width=width, dtype=self.vae.dtype, device=self.device)
+        return self.vae.encode_latents(x, generator, tiling=tiling, as_image=req.mode == "i2v").to(self.dtype)
+
+    def initial_latents(self, req: Request, generator: torch.Generator, latents: torch.Tensor | None = None,
+                        encoded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the latents the sampler starts from (B, F, C, h, w), image latents to concatenate on
+        channels or None). latents: the caller's noise (text- and image-to-video); encoded: the
+        conditioning frames' latents (`encode_frames`). The generator is consumed in diffusers' order:
+        the posterior draw (in encode_frames), then the noise."""
+        if req.mode == "v2v":
+            clean = encoded.expand(req.batch, -1, -1, -1, -1)
+            t0 = schedulers.timesteps(self.scheduler, req.steps)[req.start]
+            return schedulers.add_noise(self.scheduler, clean, self.randn(clean.shape, generator), int(t0)), None
+        shape = (req.batch, *latent_shape(self.config, self.vae.config, req.num_frames, req.height, req.width))
+        noise = self.randn(shape, generator) if latents is None else latents.to(self.device, self.dtype)
+        if req.mode == "t2v":
+            return noise, None
+        # The image is the first latent frame; the rest of the conditioning is zeros. (1.5 models pad
+        # the latent count to a multiple of their temporal patch, so no extra front padding.)
+        cond = torch.cat((encoded, encoded.new_zeros(1, shape[1] - 1, *encoded.shape[2:])), dim=1)
+        return noise, cond.expand(req.batch, -1, -1, -1, -1)
+
+    def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: Request, generator: torch.Generator,
+                callback: Callable | None, progress: bool, cond: torch.Tensor | None = None,
+                graphs: graph.GraphCache | None = None) -> torch.Tensor:
+        """latents (B, F, C, h, w) -> denoised latents, same shape and dtype, through `sampler.loop`.
+        cond: image latents concatenated on channels at every step (image-to-video); graphs: the
+        CUDA-graph cache to replay the step from (`cvfast/sampler/graph.py`), or None (eager)."""
+        self._use("transformer")
+        plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
+        return loop.denoise(self.denoiser, latents, text, cond, plan, req.guidance, req.dynamic_cfg,
+                            lambda: self.randn(latents.shape, generator), graphs=graphs, callback=callback,
+                            progress=progress, label=f"{self.name} ({self.config.variant})")
+
+    def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor | None:
+        """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped), tiled as
+        `vae_tiling.decide` says. In a parallel job every rank calls it: the tiles are spread over the
+        ranks and rank 0 gets the video, the others None."""
+        self._use("vae")
+        if self.parallel is not None:
+            with self.parallel.scope():
+                return self.parallel.decode(self.vae, latents, vae_tiling)
+        batch, frames, _, height, width = latents.shape
+        tiling = decide(self.vae.config, vae_tiling, decode=True, batch=batch, frames=frames, height=height,
+                        width=width, dtype=self.vae.dtype, device=self.device)
+        return self.vae.decode_latents(latents, tiling=tiling)
+
+    def graph_cache(self) -> graph.GraphCache:
+        """The pipeline's CUDA-graph cache of the sampler step, made on first use."""
+        if self.graphs is None:
+            self.graphs = graph.GraphCache(lambda step: graph.capture_cuda(step, self.device))
+        return self.graphs
+
+    # -- the public call ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 image=None, image_noise_sigma: float | str | None = None, video=None, strength: float = 0.8,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
+                 vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
+                 progress: bool = True, allow_untrained_size: bool = False,
+                 cuda_graph: bool | str | None = None) -> GenerationResult | None:
+        """Generate video(s) for `prompt`.
+
+        image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
+        (3, H, W) in [0, 1], resized to height x width when needed; image_noise_sigma: the SAT
+        engine's first-frame noise augmentation (None: off, as diffusers; a float; "sample").
+        video: video-to-video (T2V models): PIL frames or a uint8 array (F, H, W, 3); `strength` in
+        (0, 1] picks how much of the schedule runs. `seed=s` gives the same video as diffusers'
+        pipeline for the mode called with `generator=torch.Generator("cpu").manual_seed(s)`.
+        `callback(step, timestep, latents)` runs after each step; `latents` is the sampler's buffer,
+        overwritten by the next step (clone it to keep it). cuda_graph: False, True or "auto"
+        (None: the pipeline's, from `load()`); True replays each step from a CUDA graph captured on
+        the second call at a shape (`cvfast/sampler/graph.py`). Bad arguments raise
+        `CVFastInputError` before any work starts (`request()` checks them alone). In a parallel job
+        (load(parallel=...)) every rank calls it with the same arguments; rank 0's seed or generator state is every rank's, rank 0
+        alone shows progress, runs `callback` and returns the result, the other ranks return None.
+        """
+        req = self.request(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                           negative_prompt_embeds=negative_prompt_embeds, image=image,
+                           image_noise_sigma=image_noise_sigma, video=video, strength=strength,
+                           num_frames=num_frames, height=height, width=width,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
+                           max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
+                           output_type=output_type, allow_untrained_size=allow_untrained_size,
+                           cuda_graph=cuda_graph)
+        if self.parallel is None:
+            return self._generate(req, seed, generator, latents, callback, progress)
+        with self.parallel.scope():
+            return self._generate(req, seed, generator, latents, callback, progress)
+
+    def _generate(self, req: Request, seed: int | None, generator: torch.Generator | None,
+                  latents: torch.Tensor | None, callback: Callable | None, progress: bool) -> GenerationResult | None:
+        """The work of a validated `generate` call (on a parallel pipeline, inside its failure scope)."""
+        if generator is None:
+            seed = random.randrange(2 ** 63) if seed is None else int(seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
+        main = self.parallel is None or self.parallel.is_main
+        if self.parallel is not None:
+            seed = self.parallel.same_randomness(seed, generator)
+            progress, callback = progress and main, callback if main else None
+        stages = StageMeter(self.device)
+        with stages("text_encoding"):
+            text = self.encode_prompts(req.text)
+        encoded = None
+        if req.mode != "t2v":
+            with stages("encoding"):
+                encoded = self.encode_frames(req, generator)
+        with stages("denoising"):
+            latents, cond = self.initial_latents(req, generator, latents, encoded)
+            latents = self.denoise(latents, text, req, generator, callback, progress, cond,
+                                   self.graph_cache() if req.cuda_graph else None)
+        fps = self.defaults["fps"]
+        if req.output_type == "latent":
+            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks) if main else None
+        with stages("decoding"):
+            padding = padding_frames(self.config, self.vae.config, req.num_frames) if req.mode != "v2v" else 0
+            video = self.decode(latents[:, padding:], req.vae_tiling)
+            if video is None:  # another rank of a parallel job has the video
+                return None
+            frames = to_frames(video, req.output_type, f"the VAE decode of {self.name} produced NaN/Inf in "
+                               f"{self.dtype}; no video was written. Try float32.")
+        return GenerationResult(frames, stages.timings, fps, seed, stages.peaks)
+
+
+def to_frames(video: torch.Tensor, output_type: str, nonfinite: str):
+    """The VAE's (B, 3, F, H, W) video in [-1, 1] -> "np" (B, F, H, W, 3) float32 in [0, 1] on the host
+    or "pt" (B, F, 3, H, W); NonFiniteLatentsError(`nonfinite`) instead of a black video."""
+    video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+    if not torch.isfinite(video).all():
+        raise NonFiniteLatentsError(nonfinite)
+    return video.permute(0, 1, 3, 4, 2).cpu().numpy() if output_type == "np" else video
