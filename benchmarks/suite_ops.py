@@ -14,6 +14,8 @@ import torch
 from cvfast import ops
 from cvfast.models.config import PRESETS
 from cvfast.ops.cost import op_cost
+from cvfast.ops.joint_attention import triton_joint_attention_unfused
+from cvfast.ops.registry import reference
 
 from .harness import Row, measured_row, of_ceiling
 
@@ -35,14 +37,13 @@ def _sizes(model: str, device: torch.device, frames: int, height: int, width: in
 def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> list[tuple[str, object]]:
     """(name, fn) of the reference and every registered alternative that runs on `device`. Triton on
     a CPU (the interpreter) is left out unless asked for: its timings say nothing."""
-    found = [("reference", getattr(ops.reference, op))]
+    found = [("reference", reference(op))]
     for impl in ops.alternatives(op):
         interpreted = impl.backend == "triton" and device.type == "cpu"
         if not impl.device_reasons(device) and not (interpreted and (wanted is None or "triton" not in wanted)):
             found.append((impl.backend, impl.fn))
             if op == "joint_attention" and impl.backend == "triton":
-                from cvfast.ops.triton_ops import joint_attention_unfused
-                found.append(("triton-unfused", joint_attention_unfused))
+                found.append(("triton-unfused", triton_joint_attention_unfused))
     return [(n, f) for n, f in found if wanted is None or n.split("-")[0] in wanted or n == "reference"]
 
 
@@ -92,7 +93,7 @@ def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *,
     gpu = device.type == "cuda"
     for op, case, make_args in _cases(sz, device, dtype):
         args = make_args()
-        cost = op_cost(op, args, {}, getattr(ops.reference, op)(*args))
+        cost = op_cost(op, args, {}, reference(op)(*args))
         flops, nbytes = cost.flops or None, cost.bytes
         ref_row = None
         for backend, fn in _backends_for(op, device, backends):

@@ -55,8 +55,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cvfast.models.config import PRESETS, TransformerConfig
 from cvfast.models.transformer import CogVideoXTransformer
-from cvfast.ops import OP_NAMES, Impl, OpSet, reference
+from cvfast.ops import OP_NAMES, Impl, OpSet
 from cvfast.ops.cost import io_bytes, op_cost
+from cvfast.ops.registry import reference
 
 from .harness import Row
 
@@ -174,7 +175,7 @@ def _counting_ops(counter: _Counter) -> OpSet:
     """An OpSet whose every op runs the reference implementation as one counted unit, with the fused
     bytes (its tensor arguments and outputs, each once) recorded."""
     def wrap(name: str) -> Impl:
-        fn = getattr(reference, name)
+        fn = reference(name)
 
         def counted(*args, **kwargs):
             unit = counter.begin(name)

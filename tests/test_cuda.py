@@ -3,11 +3,17 @@
 They hold the CUDA path to the CPU oracle: fp32 (TF32 off) equal to the CPU run to rounding, and in
 bf16 each stage within twice the error bf16 itself makes on the CPU (FlashAttention's rule applied
 to whole stages)."""
+import shutil
+
 import pytest
 import torch
 
 import cvfast
-from cvfast.ops import reference, sdpa
+from cvfast.ops import adaln, spatial_norm
+from cvfast.ops import causal_conv3d as conv
+from cvfast.ops import group_norm as gn
+from cvfast.ops import joint_attention as attn
+from tests.numerics import check, fp32, naive_attention, within_twice_pytorch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,11 +71,11 @@ def test_bf16_stages_within_twice_bf16_own_error():
 def test_sdpa_at_cogvideox_sizes(heads, seq):
     torch.manual_seed(seq)
     q, k, v = (torch.randn(1, heads, seq, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    exact = reference.attention(q.float(), k.float(), v.float())
-    got = sdpa.attention(q, k, v)
-    own = reference.attention(q, k, v)  # PyTorch math in bf16 in/out (fp32 inside): bf16's own error
+    exact = attn.attention(q.float(), k.float(), v.float())
+    got = attn.sdpa_attention(q, k, v)
+    own = attn.attention(q, k, v)  # PyTorch math in bf16 in/out (fp32 inside): bf16's own error
     assert torch.isfinite(got).all()
-    assert (got.float() - exact).abs().max() <= 2 * (own.float() - exact).abs().max() + 1e-6
+    within_twice_pytorch(got, exact, own)
 
 
 def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
@@ -93,13 +99,12 @@ def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
 # -- Triton kernels at CogVideoX sizes (bf16), with the checks of tests/test_triton.py ---------------
 
 def _triton():
-    return pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
+    pytest.importorskip("triton", reason="triton is not installed")
 
 
 @pytest.mark.parametrize("heads,head_dim,rope", [(48, 64, True), (30, 64, False), (24, 128, True)])
 def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
-    from tests.test_triton import check, naive_attention
-    triton_ops = _triton()
+    _triton()
     torch.manual_seed(heads)
     n_text, seq = 226, 17_776  # 49 frames at 480x720: 13 x 30 x 45 video tokens
     qkv = torch.randn(1, seq, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
@@ -108,23 +113,21 @@ def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
     angles = torch.randn(seq - n_text, head_dim // 2, device="cuda")
     cos, sin = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)) if rope else (None, None)
     args = (heads, *norm, 1e-6, cos, sin, n_text)
-    exact = reference.joint_attention(qkv.float(), heads, *[n.float() for n in norm], 1e-6, cos, sin, n_text)
-    check(triton_ops.joint_attention(qkv, *args), exact,
-          reference.joint_attention(qkv, *args, attend=naive_attention))
+    exact = attn.joint_attention(qkv.float(), heads, *[n.float() for n in norm], 1e-6, cos, sin, n_text)
+    check(attn.joint_attention_op(qkv, *args), exact, attn.joint_attention(qkv, *args, attend=naive_attention))
 
 
 @pytest.mark.parametrize("dim", [1920, 3072])
 def test_triton_norm_rows_at_5b_size(dim):
-    from tests.test_triton import check
-    triton_ops = _triton()
+    _triton()
     torch.manual_seed(dim)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     h, y = torch.randn(2, 17_776, dim, **bf16), torch.randn(2, 17_776, dim, **bf16)
     w, b = torch.randn(dim, **bf16), torch.randn(dim, **bf16)
     gate, shift, scale = (torch.randn(2, 2, dim, **bf16) * 0.5 for _ in range(3))
     args = (h, y, gate, w, b, shift, scale, 226, 1e-5)
-    exact = reference.gated_residual_modulate(*[a.float() if isinstance(a, torch.Tensor) else a for a in args])
-    check(triton_ops.gated_residual_modulate(*args), exact, reference.gated_residual_modulate(*args))
+    exact = adaln.gated_residual_modulate(*fp32(*args))
+    check(adaln.triton_gated_residual_modulate(*args), exact, adaln.gated_residual_modulate(*args))
 
 
 def test_triton_backend_generates_like_the_reference_in_bf16():
@@ -206,17 +209,15 @@ def test_tensorrt_engine_generates_like_the_reference(tmp_path, dtype):
 VAE_NORM_SIZES = [(1, 512, 2, 60, 90), (1, 256, 4, 240, 360), (1, 128, 8, 480, 720)]
 
 
-def _vae_norm_backend(name):
+def _group_norm_backend(name):
     if name == "triton":
-        from cvfast.ops import triton_ops
-        return triton_ops.group_norm
-    import shutil
-    from cvfast.ops import native_ops
-    if not native_ops.CUDA:
+        _triton()
+        return gn.triton_group_norm
+    if not gn.NATIVE_CUDA:
         if shutil.which("nvcc"):
             pytest.fail("nvcc is installed but cvfast._C was built without its CUDA kernels (see build/native/build.log)")
         pytest.skip("cvfast._C was built without CUDA (no nvcc)")
-    return native_ops.group_norm
+    return gn.native_group_norm
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
@@ -224,7 +225,7 @@ def _vae_norm_backend(name):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("spatial", [True, False], ids=["spatial_silu", "silu"])
 def test_vae_norm_at_decoder_sizes(backend, shape, channels_last, spatial):
-    group_norm = _vae_norm_backend(backend)
+    group_norm = _group_norm_backend(backend)
     gen = torch.Generator(device="cuda").manual_seed(shape[1])
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
@@ -234,12 +235,9 @@ def test_vae_norm_at_decoder_sizes(backend, shape, channels_last, spatial):
     if spatial:
         scale = (rand(*shape) * 0.5 + 1).bfloat16().contiguous(memory_format=fmt)
         shift = (rand(*shape) * 0.3).bfloat16().contiguous(memory_format=fmt)
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    exact = reference.group_norm(f32(x), f32(w), f32(b), 32, 1e-6, f32(scale), f32(shift), silu=True)
-    own = (reference.group_norm(x, w, b, 32, 1e-6, scale, shift, silu=True).float() - exact).abs().max().item()
-    got = group_norm(x, w, b, 32, 1e-6, scale, shift, True)
-    assert torch.isfinite(got).all()
-    assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6
+    exact = gn.group_norm(*fp32(x, w, b), 32, 1e-6, *fp32(scale, shift), silu=True)
+    own = gn.group_norm(x, w, b, 32, 1e-6, scale, shift, silu=True)
+    check(group_norm(x, w, b, 32, 1e-6, scale, shift, True), exact, own)
 
 
 # The Triton causal conv at CogVideoX decoder sizes in bf16: conv_in (16 -> 512 at the 60x90 latent),
@@ -252,7 +250,7 @@ CONV_SIZES = [(16, 512, 2, 60, 90), (512, 512, 2, 60, 90), (256, 256, 4, 240, 36
 @pytest.mark.parametrize("c_in,c_out,frames,height,width", CONV_SIZES, ids=lambda s: str(s))
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
 def test_triton_causal_conv3d_at_decoder_sizes(c_in, c_out, frames, height, width, channels_last):
-    triton_ops = _triton()
+    _triton()
     gen = torch.Generator(device="cuda").manual_seed(c_in + c_out)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     rand = lambda *s: torch.randn(*s, device="cuda", generator=gen).bfloat16()  # noqa: E731
@@ -261,12 +259,11 @@ def test_triton_causal_conv3d_at_decoder_sizes(c_in, c_out, frames, height, widt
     weight, bias = (rand(c_out, c_in, 3, 3, 3).float() / (27 * c_in) ** 0.5).bfloat16(), rand(c_out)
     residual = rand(1, c_out, frames, height, width).contiguous(memory_format=fmt)
     for args in ((x, weight, bias, past, residual), (x, weight, bias, None, None)):
-        exact = reference.causal_conv3d(*(None if t is None else t.float() for t in args))
-        own = (reference.causal_conv3d(*args).float() - exact).abs().max().item()
-        got = triton_ops.causal_conv3d(*args)
-        assert torch.isfinite(got).all() and got.is_contiguous(memory_format=fmt)
-        assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6
-        del exact, got
+        exact, own = conv.causal_conv3d(*fp32(*args)), conv.causal_conv3d(*args)
+        got = conv.triton_causal_conv3d(*args)
+        assert got.is_contiguous(memory_format=fmt)
+        check(got, exact, own)
+        del exact, own, got
 
 
 def test_fast_vae_decode_with_tiling_and_frame_batches():
@@ -293,7 +290,7 @@ SPATIAL_NORM_SIZES = [((1, 512, 2, 60, 90), 2), ((1, 256, 8, 240, 360), 2), ((1,
 @pytest.mark.parametrize("shape,latent_frames", SPATIAL_NORM_SIZES, ids=lambda v: str(v))
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
 def test_triton_spatial_norm_at_decoder_sizes(shape, latent_frames, channels_last):
-    triton_ops = _triton()
+    _triton()
     gen = torch.Generator(device="cuda").manual_seed(shape[1])
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
@@ -304,8 +301,7 @@ def test_triton_spatial_norm_at_decoder_sizes(shape, latent_frames, channels_las
               rand(c) * 0.3]
     args = (f, z, *params[:2], 32, 1e-6, *params[2:], True)
     args = tuple(a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args)
-    exact = reference.spatial_norm(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
-    own = (reference.spatial_norm(*args).float() - exact).abs().max().item()
-    got = triton_ops.spatial_norm(*args)
-    assert torch.isfinite(got).all() and got.is_contiguous(memory_format=fmt)
-    assert (got.float() - exact).abs().max().item() <= 2 * own + 1e-6
+    exact, own = spatial_norm.spatial_norm(*fp32(*args)), spatial_norm.spatial_norm(*args)
+    got = spatial_norm.triton_spatial_norm(*args)
+    assert got.is_contiguous(memory_format=fmt)
+    check(got, exact, own)

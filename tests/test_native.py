@@ -1,6 +1,7 @@
 """The native extension cvfast._C: that `make test`'s install built and imports it, the argument
 checks at its C++ boundary, the dispatch around it, and setup.py's fallback to a pure-Python install.
 Its ops' numerics are in test_vae_norm.py."""
+import importlib
 import os
 import shutil
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from cvfast import ops
-from cvfast.errors import CVFastInputError
+from cvfast.core.errors import CVFastInputError
+from cvfast.ops import group_norm
+from cvfast.ops.registry import placeholder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,10 +23,9 @@ if os.environ.get("CVFAST_BUILD_EXT") == "0":
 
 
 def test_extension_imports():
-    import cvfast._C as ext
-    assert ext.with_cuda in (True, False)
-    from cvfast.ops import native_ops
-    assert native_ops.IMPLS["group_norm"].unavailable is None
+    assert group_norm.NATIVE_IMPORT_ERROR is None and group_norm.NATIVE_CUDA in (True, False)
+    (native,) = [impl for impl in ops.alternatives("group_norm") if impl.backend == "native"]
+    assert native.unavailable is None and native.fn is group_norm.native_group_norm
 
 
 def _args(**change):
@@ -79,8 +81,9 @@ def test_a_missing_extension_is_one_line_reason(monkeypatch):
     import cvfast
     monkeypatch.setitem(sys.modules, "cvfast._C", None)
     monkeypatch.delattr(cvfast, "_C", raising=False)
-    monkeypatch.delitem(sys.modules, "cvfast.ops.native_ops", raising=False)
-    impl = ops._optional("native_ops", "native", ("group_norm",))["group_norm"][0]
+    with pytest.raises(ImportError) as info:
+        importlib.import_module("cvfast._C")
+    impl = placeholder("native", group_norm.extension_error(info.value))
     assert impl.unavailable.startswith("native is unavailable (ImportError: cvfast._C cannot be imported")
     assert "\n" not in impl.unavailable
     with pytest.raises(RuntimeError, match="cvfast._C cannot be imported"):

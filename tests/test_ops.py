@@ -9,22 +9,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from cvfast import ops
-from cvfast.ops import reference, sdpa
-
-
-def naive_attention(q, k, v):
-    """Softmax attention in the inputs' dtype, one matrix, no upcast: PyTorch's own error."""
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.softmax(scores, dim=-1) @ v
+from cvfast.ops import adaln, causal_conv3d, group_norm, mlp
+from cvfast.ops import joint_attention as attn
+from cvfast.ops.cost import op_cost
+from cvfast.ops.registry import reference, register
+from tests.numerics import naive_attention, within_twice_pytorch
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 37, 16), (1, 2, 131, 64)])
 def test_reference_attention_blocks_cover_every_query(monkeypatch, shape):
-    monkeypatch.setattr(reference, "_QUERY_BLOCK", 7)  # odd block size: ragged last block
+    monkeypatch.setattr(attn, "QUERY_BLOCK", 7)  # odd block size: ragged last block
     q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
-    out = reference.attention(q, k, v)
+    out = attn.attention(q, k, v)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, naive_attention(q, k, v), rtol=1e-10, atol=1e-10)
 
@@ -34,13 +33,11 @@ def test_reference_attention_blocks_cover_every_query(monkeypatch, shape):
 def test_sdpa_backend_within_twice_pytorch_error(dtype, shape):
     torch.manual_seed(shape[2])
     q, k, v = (torch.randn(shape) for _ in range(3))
-    exact = reference.attention(q, k, v)  # fp32
+    exact = attn.attention(q, k, v)  # fp32
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
-    got = sdpa.attention(qd, kd, vd)
+    got = attn.sdpa_attention(qd, kd, vd)
     assert got.dtype == dtype and torch.isfinite(got).all()
-    own = (naive_attention(qd, kd, vd).float() - exact).abs().max().item()
-    err = (got.float() - exact).abs().max().item()
-    assert err <= 2 * own + 1e-6
+    within_twice_pytorch(got, exact, naive_attention(qd, kd, vd))
 
 
 def test_rope_matches_complex_rotation():
@@ -48,7 +45,7 @@ def test_rope_matches_complex_rotation():
     x = torch.randn(2, 3, 11, 12)
     angles = torch.randn(11, 6)
     cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
-    got = reference.rope(x, cos, sin)
+    got = attn.rope(x, cos, sin)
     expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.polar(
         torch.ones_like(angles), angles)).flatten(-2)
     assert torch.isfinite(got).all()
@@ -70,7 +67,7 @@ def test_modulate_per_segment(groups):
     for row in range(9):  # row by row: text rows take entry 0, video rows the last entry
         seg = 0 if row < n_text else groups - 1
         expected[:, row] = _row_norm(x[:, row], w, b, 1e-5) * (1 + scale[:, seg]) + shift[:, seg]
-    got = reference.modulate(x, w, b, shift, scale, n_text, 1e-5)
+    got = adaln.modulate(x, w, b, shift, scale, n_text, 1e-5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -78,11 +75,11 @@ def test_gated_residual_modulate_adds_then_normalises():
     torch.manual_seed(5)
     h, y, w, b = torch.randn(2, 7, 16), torch.randn(2, 7, 16), torch.randn(16), torch.randn(16)
     gate, shift, scale = torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
-    new_h, normed = reference.gated_residual_modulate(h, y, gate, w, b, shift, scale, 3, 1e-6)
+    new_h, normed = adaln.gated_residual_modulate(h, y, gate, w, b, shift, scale, 3, 1e-6)
     expected_h = torch.cat((h[:, :3] + gate[:, :1] * y[:, :3], h[:, 3:] + gate[:, 1:] * y[:, 3:]), dim=1)
     torch.testing.assert_close(new_h, expected_h)
-    torch.testing.assert_close(normed, reference.modulate(expected_h, w, b, shift, scale, 3, 1e-6))
-    torch.testing.assert_close(reference.gated_residual(h, y, gate, 3), expected_h)
+    torch.testing.assert_close(normed, adaln.modulate(expected_h, w, b, shift, scale, 3, 1e-6))
+    torch.testing.assert_close(adaln.gated_residual(h, y, gate, 3), expected_h)
 
 
 def test_joint_attention_is_norm_rope_attention():
@@ -92,10 +89,10 @@ def test_joint_attention_is_norm_rope_attention():
     w, b = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     angles = torch.randn(seq - n_text, d // 2, dtype=torch.float64)
     cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
-    got = reference.joint_attention(qkv, heads, w, b, w * 2, b, 1e-6, cos, sin, n_text)
+    got = attn.joint_attention(qkv, heads, w, b, w * 2, b, 1e-6, cos, sin, n_text)
     q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(2)   # (B, S, H, d) each
     q, k = _row_norm(q, w, b, 1e-6), _row_norm(k, 2 * w, b, 1e-6)
-    rot = lambda x: torch.cat((x[:, :n_text], reference.rope(x[:, n_text:].transpose(1, 2), cos, sin).transpose(1, 2)), 1)  # noqa: E731
+    rot = lambda x: torch.cat((x[:, :n_text], attn.rope(x[:, n_text:].transpose(1, 2), cos, sin).transpose(1, 2)), 1)  # noqa: E731
     expected = naive_attention(rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2))
     torch.testing.assert_close(got, expected.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -105,7 +102,7 @@ def test_gelu_mlp_uses_tanh_gelu():
     x, w1, b1, w2, b2 = torch.randn(3, 7, 10), torch.randn(13, 10), torch.randn(13), torch.randn(10, 13), torch.randn(10)
     h = x @ w1.T + b1
     gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
-    torch.testing.assert_close(reference.gelu_mlp(x, w1, b1, w2, b2), gelu @ w2.T + b2, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mlp.gelu_mlp(x, w1, b1, w2, b2), gelu @ w2.T + b2, rtol=1e-5, atol=1e-4)
 
 
 def test_group_norm_spatial_silu():
@@ -116,7 +113,7 @@ def test_group_norm_spatial_silu():
     normed = ((groups - groups.mean(-1, keepdim=True)) / torch.sqrt(groups.var(-1, unbiased=False, keepdim=True)
               + 1e-6)).reshape_as(x) * w[:, None, None, None] + b[:, None, None, None]
     expected = F.silu(normed * scale + shift)
-    got = reference.group_norm(x, w, b, 3, 1e-6, scale=scale, shift=shift, silu=True)
+    got = group_norm.group_norm(x, w, b, 3, 1e-6, scale=scale, shift=shift, silu=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -125,9 +122,17 @@ def test_causal_conv3d_pads_with_first_frame_and_cache():
     x, w, bias = torch.randn(1, 3, 5, 6, 7), torch.randn(4, 3, 3, 3, 3), torch.randn(4)
     padded = torch.cat((x[:, :, :1], x[:, :, :1], x), dim=2)
     expected = F.conv3d(padded, w, bias, padding=(0, 1, 1))
-    torch.testing.assert_close(reference.causal_conv3d(x, w, bias, None), expected)
-    second = reference.causal_conv3d(x[:, :, 3:], w, bias, x[:, :, 1:3])
+    torch.testing.assert_close(causal_conv3d.causal_conv3d(x, w, bias, None), expected)
+    second = causal_conv3d.causal_conv3d(x[:, :, 3:], w, bias, x[:, :, 1:3])
     torch.testing.assert_close(second, expected[:, :, 3:])
+
+
+def test_every_op_registers_once_in_a_fixed_order():
+    assert ops.OP_NAMES == ("attention", "joint_attention", "rope", "layer_norm", "modulate", "gated_residual",
+                            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d", "spatial_norm")
+    assert all(callable(reference(op)) for op in ops.OP_NAMES)
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register("attention", attn.attention)
 
 
 def test_resolve_per_backend():
@@ -146,12 +151,9 @@ def test_resolve_per_backend():
 def test_op_cost_counts_what_pytorch_counts(op, make_args):
     """FLOPs from the cost model equal torch's own FLOP counter on the reference; bytes are each
     input read once plus the output written once."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cvfast.ops.cost import op_cost
     args = make_args()
     with FlopCounterMode(display=False) as counter:
-        out = getattr(reference, op)(*args)
+        out = reference(op)(*args)
     cost = op_cost(op, tuple(args), {}, out)
     assert cost.flops == counter.get_total_flops() > 0
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

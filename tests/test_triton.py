@@ -7,59 +7,30 @@ fails to write fails the test. Tolerance, as FlashAttention's tests state it: in
 kernel's max error against the fp32 reference is at most twice the error of PyTorch doing the
 same math in that dtype; in fp32 the kernel must agree to fp32 rounding.
 """
+import importlib
 import logging
-import math
+import types
 
 import pytest
 import torch
 
 from cvfast import ops
-from cvfast.errors import CVFastInputError
-from cvfast.ops import reference
+from cvfast.core.errors import CVFastInputError
+from cvfast.ops import adaln, mlp
+from cvfast.ops import joint_attention as attn
+from cvfast.ops.registry import placeholder, reference_impl
+from tests.numerics import DEVICE, check, fp32, naive_attention, poison_outputs
 
-triton_ops = pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
+pytest.importorskip("triton", reason="triton is not installed")
 from cvfast.kernels import attention as attention_kernel  # noqa: E402
 from cvfast.kernels import gelu as gelu_kernel  # noqa: E402
 from cvfast.kernels import norms as norms_kernel  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32_TOL = 2e-5  # fp32 kernels vs the fp32 reference, relative to the reference's largest value
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output starts as NaN."""
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    for module in (attention_kernel, norms_kernel, gelu_kernel):
-        monkeypatch.setattr(module, "new_output", nan_output)
-
-
-def naive_attention(q, k, v, scale=None):
-    """Softmax attention in the inputs' dtype: PyTorch's own low-precision error."""
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
-
-
-def check(got, exact, pytorch_lowp=None):
-    """got: the kernel's output in dtype; exact: fp32 reference; pytorch_lowp: PyTorch in dtype."""
-    for g, e, p in zip(_tuple(got), _tuple(exact), _tuple(pytorch_lowp)):
-        assert g.shape == e.shape
-        assert torch.isfinite(g).all(), "NaN/Inf (or an unwritten element) in the kernel's output"
-        err = (g.float() - e.float()).abs().max().item()
-        if g.dtype == torch.float32:
-            assert err <= FP32_TOL * max(1.0, e.abs().max().item()), err
-        else:
-            own = (p.float() - e.float()).abs().max().item()
-            assert err <= 2 * own + 1e-6, (err, own)
-
-
-def _tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-def fp32(*tensors):
-    return [t.float() if isinstance(t, torch.Tensor) else t for t in tensors]
+    poison_outputs(monkeypatch, attention_kernel, norms_kernel, gelu_kernel)
 
 
 def rope_tables(rows, head_dim):
@@ -75,8 +46,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 def test_attention(poisoned, dtype, batch, heads, seq, head_dim):
     torch.manual_seed(seq + head_dim)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=DEVICE, dtype=dtype) for _ in range(3))
-    got = triton_ops.attention(q, k, v)
-    check(got, reference.attention(*fp32(q, k, v)), naive_attention(q, k, v))
+    got = attn.triton_attention(q, k, v)
+    check(got, attn.attention(*fp32(q, k, v)), naive_attention(q, k, v))
 
 
 def test_attention_strided_inputs_and_scale(poisoned):
@@ -84,7 +55,7 @@ def test_attention_strided_inputs_and_scale(poisoned):
     torch.manual_seed(3)
     q = torch.randn(2, 45, 3, 64, device=DEVICE).transpose(1, 2)
     k, v = (torch.randn(2, 70, 3, 64, device=DEVICE).transpose(1, 2) for _ in range(2))
-    check(triton_ops.attention(q, k, v, scale=0.3), reference.attention(q, k, v, scale=0.3))
+    check(attn.triton_attention(q, k, v, scale=0.3), attn.attention(q, k, v, scale=0.3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,9 +68,9 @@ def test_joint_attention_fuses_qk_norm_and_rope(poisoned, dtype, batch, head_dim
             torch.randn(head_dim, device=DEVICE, dtype=dtype) * 0.2 for i in range(4)]
     cos, sin = rope_tables(n_video, head_dim) if rope else (None, None)
     args = (heads, *norm, 1e-6, cos, sin, n_text)
-    got = triton_ops.joint_attention(qkv, *args)
-    exact = reference.joint_attention(*fp32(qkv, heads, *norm, 1e-6, cos, sin, n_text))
-    check(got, exact, reference.joint_attention(qkv, *args, attend=naive_attention))
+    got = attn.joint_attention_op(qkv, *args)
+    exact = attn.joint_attention(*fp32(qkv, heads, *norm, 1e-6, cos, sin, n_text))
+    check(got, exact, attn.joint_attention(qkv, *args, attend=naive_attention))
 
 
 def modulation(batch, groups, dim, dtype):
@@ -115,14 +86,14 @@ def test_modulate_and_gated_residual(poisoned, dtype, batch, seq, dim, groups):
     shift, scale, gate = modulation(batch, groups, dim, dtype)
     n_text = min(seq - 1, 226) if groups == 2 else 0
     mod_args = (w, b, shift, scale, n_text, 1e-5)
-    check(triton_ops.modulate(h, *mod_args), reference.modulate(*fp32(h, *mod_args)), reference.modulate(h, *mod_args))
-    check(triton_ops.gated_residual(h, y, gate, n_text), reference.gated_residual(*fp32(h, y, gate, n_text)),
-          reference.gated_residual(h, y, gate, n_text))
+    check(adaln.triton_modulate(h, *mod_args), adaln.modulate(*fp32(h, *mod_args)), adaln.modulate(h, *mod_args))
+    check(adaln.triton_gated_residual(h, y, gate, n_text), adaln.gated_residual(*fp32(h, y, gate, n_text)),
+          adaln.gated_residual(h, y, gate, n_text))
     both = (h, y, gate, *mod_args)
-    check(triton_ops.gated_residual_modulate(*both), reference.gated_residual_modulate(*fp32(*both)),
-          reference.gated_residual_modulate(*both))
-    check(triton_ops.layer_norm(h, w, b, 1e-5), reference.layer_norm(*fp32(h, w, b), 1e-5),
-          reference.layer_norm(h, w, b, 1e-5))
+    check(adaln.triton_gated_residual_modulate(*both), adaln.gated_residual_modulate(*fp32(*both)),
+          adaln.gated_residual_modulate(*both))
+    check(adaln.triton_layer_norm(h, w, b, 1e-5), attn.layer_norm(*fp32(h, w, b), 1e-5),
+          attn.layer_norm(h, w, b, 1e-5))
 
 
 def test_modulation_chunks_of_a_linear_output_need_no_copy(poisoned):
@@ -130,8 +101,8 @@ def test_modulation_chunks_of_a_linear_output_need_no_copy(poisoned):
     torch.manual_seed(8)
     h = torch.randn(2, 21, 40, device=DEVICE)
     shift, scale, _ = torch.randn(2, 1, 120, device=DEVICE).chunk(3, dim=2)
-    check(triton_ops.modulate(h, None, None, shift, scale, 0, 1e-6),
-          reference.modulate(h, None, None, shift, scale, 0, 1e-6))
+    check(adaln.triton_modulate(h, None, None, shift, scale, 0, 1e-6),
+          adaln.modulate(h, None, None, shift, scale, 0, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,20 +112,17 @@ def test_gelu_mlp(poisoned, dtype):
     w1, w2 = (torch.randn(*s, device=DEVICE, dtype=dtype) * 0.2 for s in ((150, 40), (40, 150)))
     b1, b2 = (torch.randn(n, device=DEVICE, dtype=dtype) for n in (150, 40))
     args = (x, w1, b1, w2, b2)
-    check(triton_ops.gelu_mlp(*args), reference.gelu_mlp(*fp32(*args)), reference.gelu_mlp(*args))
+    check(mlp.triton_gelu_mlp(*args), mlp.gelu_mlp(*fp32(*args)), mlp.gelu_mlp(*args))
 
 
 def test_poisoning_catches_an_unwritten_element(poisoned, monkeypatch):
-    """The check above would fail a kernel that skipped its last rows."""
-    real = norms_kernel._residual_norm
-
-    class SkipLastProgram:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: real[(grid[0] - 1,)](*args, **kwargs)
-    monkeypatch.setattr(norms_kernel, "_residual_norm", SkipLastProgram())
+    """The check above would fail a kernel that skipped its last rows: the launcher's grid is one
+    program short (the launcher sizes it with `triton.cdiv`)."""
+    one_short = types.SimpleNamespace(cdiv=lambda n, block: -(-n // block) - 1)
+    monkeypatch.setattr(norms_kernel, "triton", one_short)
     h = torch.randn(1, 40, 24, device=DEVICE)
     with pytest.raises(AssertionError, match="unwritten"):
-        check(triton_ops.layer_norm(h, None, None, 1e-5), reference.layer_norm(h, None, None, 1e-5))
+        check(adaln.triton_layer_norm(h, None, None, 1e-5), attn.layer_norm(h, None, None, 1e-5))
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -171,11 +139,11 @@ def test_required_backend_lists_why_it_cannot_take_an_input():
 def test_auto_falls_back_per_shape_with_one_warning(caplog):
     impl = ops.alternatives("attention")
     triton_impl = next(i for i in impl if i.backend == "triton")
-    opset = ops.OpSet({"attention": [triton_impl, ops.dispatch.reference_impl("attention")]})
+    opset = ops.OpSet({"attention": [triton_impl, reference_impl("attention")]})
     q80, q64 = torch.randn(1, 2, 10, 80, device=DEVICE), torch.randn(1, 2, 10, 64, device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         for _ in range(2):
-            torch.testing.assert_close(opset.attention(q80, q80, q80), reference.attention(q80, q80, q80))
+            torch.testing.assert_close(opset.attention(q80, q80, q80), attn.attention(q80, q80, q80))
         opset.attention(q64, q64, q64)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "instead of triton" in warnings[0] and "head_dim 80" in warnings[0]
@@ -183,10 +151,12 @@ def test_auto_falls_back_per_shape_with_one_warning(caplog):
 
 
 def test_a_backend_that_fails_to_import_says_why(monkeypatch, caplog):
-    broken = ops._optional("no_such_backend_module", "triton", ("attention", "modulate"))
-    reasons = broken["attention"][0].device_reasons(torch.device(DEVICE))
+    with pytest.raises(ModuleNotFoundError) as info:
+        importlib.import_module("cvfast.ops.no_such_backend_module")
+    broken = placeholder("triton", info.value)
+    reasons = broken.device_reasons(torch.device(DEVICE))
     assert len(reasons) == 1 and "triton is unavailable (ModuleNotFoundError" in reasons[0]
-    monkeypatch.setattr(ops, "_registry", lambda: {op: tuple(broken.get(op, [])) for op in ops.OP_NAMES})
+    monkeypatch.setattr(ops, "alternatives", lambda op: [broken] if op in ("attention", "modulate") else [])
     monkeypatch.setitem(ops.AUTO_ORDER, torch.device(DEVICE).type, ("triton",))
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         names = ops.resolve("auto", DEVICE).names()
@@ -250,12 +220,12 @@ def test_auto_passes_over_a_kernel_that_fails_on_its_first_run(caplog):
     def broken(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("PTX assembly aborted\nmore detail")
-    opset = ops.OpSet({"modulate": [ops.Impl("triton", broken), ops.dispatch.reference_impl("modulate")]})
+    opset = ops.OpSet({"modulate": [ops.Impl("triton", broken), reference_impl("modulate")]})
     h, shift = torch.randn(1, 5, 8), torch.randn(1, 1, 8)
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         for _ in range(2):
             got = opset.modulate(h, None, None, shift, shift, 0, 1e-5)
-    torch.testing.assert_close(got, reference.modulate(h, None, None, shift, shift, 0, 1e-5))
+    torch.testing.assert_close(got, adaln.modulate(h, None, None, shift, shift, 0, 1e-5))
     assert len(calls) == 1 and len(caplog.records) == 1
     assert "failed on its first run: RuntimeError: PTX assembly aborted" in caplog.records[0].getMessage()
     required = ops.OpSet({"modulate": ops.Impl("triton", broken)}, required="triton")

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from cvfast.models.vae import CogVideoXVAE, VAEConfig, frame_chunks
-from cvfast.ops import OP_NAMES, Impl, OpSet, reference
+from cvfast.ops import OP_NAMES, Impl, OpSet
+from cvfast.ops.causal_conv3d import causal_conv3d
+from cvfast.ops.registry import reference
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -132,10 +134,10 @@ def test_reference_causal_conv_cache_equals_one_call(split):
     g = torch.Generator().manual_seed(split)
     x = torch.randn(2, 3, 6, 5, 7, generator=g)
     w, b = torch.randn(4, 3, 3, 3, 3, generator=g), torch.randn(4, generator=g)
-    whole = reference.causal_conv3d(x, w, b, None)
-    head = reference.causal_conv3d(x[:, :, :split], w, b, None)
+    whole = causal_conv3d(x, w, b, None)
+    head = causal_conv3d(x[:, :, :split], w, b, None)
     past = torch.cat((x[:, :, :1].expand(-1, -1, 2, -1, -1), x[:, :, :split]), 2)[:, :, -2:]
-    tail = reference.causal_conv3d(x[:, :, split:], w, b, past)
+    tail = causal_conv3d(x[:, :, split:], w, b, past)
     assert rel_err(torch.cat((head, tail), 2), whole) < TOL
 
 
@@ -146,7 +148,7 @@ def test_norms_and_3d_convs_go_through_the_op_set(pair):
     seen: dict[str, set[int]] = {"group_norm": set(), "causal_conv3d": set(), "spatial_norm": set()}
 
     def spy(name):
-        fn = getattr(reference, name)
+        fn = reference(name)
 
         def wrapped(*args, **kwargs):
             seen.setdefault(name, set()).update(a.data_ptr() for a in (*args, *kwargs.values())

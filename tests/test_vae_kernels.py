@@ -1,10 +1,10 @@
-"""The Triton causal conv3d and fused spatial norm against reference.causal_conv3d and
-reference.spatial_norm, and the fast (Triton) VAE decode against the reference decode.
+"""The Triton causal conv3d and fused spatial norm against their references (`cvfast.ops.causal_conv3d`,
+`cvfast.ops.spatial_norm`), and the fast (Triton) VAE decode against the reference decode.
 
 Under TRITON_INTERPRET=1 on the CPU (conftest.py): tiny odd sizes (channels 5 and 13, not a multiple
 of any block; H x W 7x9 and 10x13; frame counts 1, 2 and 3 with and without a conv cache; kernels
 3x3x3 and 1x1x1), contiguous and channels_last_3d inputs, outputs allocated NaN-filled. Tolerance as
-in test_vae_norm.py (FlashAttention's rule): fp32 to fp32 rounding, bf16 within twice PyTorch's own
+in tests/numerics.py (FlashAttention's rule): fp32 to fp32 rounding, bf16 within twice PyTorch's own
 bf16 error against the fp32 reference.
 """
 import logging
@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from cvfast import ops
-from cvfast.errors import CVFastInputError
-from cvfast.ops import reference
-from tests.test_vae_norm import DEVICE, LAYOUTS, check
+from cvfast.core.errors import CVFastInputError
+from cvfast.ops import causal_conv3d as conv
+from cvfast.ops import spatial_norm as sn
+from cvfast.ops.registry import reference_impl
+from tests.numerics import DEVICE, LAYOUTS, check, fp32, poison_outputs
 
-triton_ops = pytest.importorskip("cvfast.ops.triton_ops", reason="triton is not installed")
+pytest.importorskip("triton", reason="triton is not installed")
 from cvfast.kernels import causal_conv3d as conv_kernel  # noqa: E402
 from cvfast.kernels import spatial_norm as spatial_norm_kernel  # noqa: E402
 
@@ -27,9 +29,7 @@ CHANNELS_LAST = torch.channels_last_3d
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output starts as NaN."""
-    for module in (conv_kernel, spatial_norm_kernel):
-        monkeypatch.setattr(module, "new_output",
-                            lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    poison_outputs(monkeypatch, conv_kernel, spatial_norm_kernel)
 
 
 def conv_inputs(batch, c_in, c_out, frames, size, kernel, cached, dtype, layout, seed):
@@ -43,15 +43,11 @@ def conv_inputs(batch, c_in, c_out, frames, size, kernel, cached, dtype, layout,
     return move(x), weight.to(DEVICE, dtype), bias.to(DEVICE, dtype), move(past)
 
 
-def f32(t):
-    return None if t is None else t.float()
-
-
 def check_conv(x, weight, bias, past, residual=None):
     """The kernel against the fp32 reference; its output keeps x's layout."""
-    got = triton_ops.causal_conv3d(x, weight, bias, past, residual)
-    exact = reference.causal_conv3d(*map(f32, (x, weight, bias, past, residual)))
-    check(got, exact, reference.causal_conv3d(x, weight, bias, past, residual))
+    got = conv.triton_causal_conv3d(x, weight, bias, past, residual)
+    exact = conv.causal_conv3d(*fp32(x, weight, bias, past, residual))
+    check(got, exact, conv.causal_conv3d(x, weight, bias, past, residual))
     assert got.is_contiguous(memory_format=CHANNELS_LAST) == x.is_contiguous(memory_format=CHANNELS_LAST)
 
 
@@ -88,7 +84,7 @@ def test_causal_conv3d_mixed_layouts_and_fused_residual(poisoned):
 def test_causal_conv3d_tile_tails(poisoned, monkeypatch):
     """Several programs along every GEMM side, each with a ragged last tile: 140 voxels in tiles of
     64, 19 output channels in tiles of 16, 21 input channels in steps of 16."""
-    monkeypatch.setattr(conv_kernel, "_config", lambda c_in, c_out: dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16))
+    monkeypatch.setattr(conv_kernel, "tile_config", lambda c_in, c_out: dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16))
     check_conv(*conv_inputs(2, 21, 19, 2, (5, 7), (3, 3, 3), True, torch.float32, CHANNELS_LAST, seed=11))
 
 
@@ -100,16 +96,17 @@ def test_causal_conv3d_refusals(caplog):
              "grouped convs": (x, torch.randn(3, 2, 3, 3, 3, device=DEVICE), None, None),
              "past must be": (x, torch.randn(3, 4, 3, 3, 3, device=DEVICE), None, x[:, :, :1]),
              "dtypes differ": (x, torch.randn(3, 4, 3, 3, 3, device=DEVICE).double(), None, None)}
+    (triton,) = [impl for impl in ops.alternatives("causal_conv3d") if impl.backend == "triton"]
     for reason, args in cases.items():
-        required = ops.OpSet({"causal_conv3d": triton_ops.IMPLS["causal_conv3d"]}, required="triton")
+        required = ops.OpSet({"causal_conv3d": triton}, required="triton")
         with pytest.raises(CVFastInputError, match=reason):
             required.causal_conv3d(*args)
-    auto = ops.OpSet({"causal_conv3d": [triton_ops.IMPLS["causal_conv3d"], ops.dispatch.reference_impl("causal_conv3d")]})
+    auto = ops.OpSet({"causal_conv3d": [triton, reference_impl("causal_conv3d")]})
     weight = torch.randn(3, 4, 3, 2, 2, device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         got = auto.causal_conv3d(x, weight, None, None)
     assert len(caplog.records) == 1 and "not odd" in caplog.records[0].getMessage()
-    torch.testing.assert_close(got, reference.causal_conv3d(x, weight, None, None), rtol=0, atol=0)
+    torch.testing.assert_close(got, conv.causal_conv3d(x, weight, None, None), rtol=0, atol=0)
 
 
 def test_causal_conv3d_fake_and_opcheck():
@@ -148,9 +145,9 @@ def test_spatial_norm_matches_reference(poisoned, dtype, layout, f_shape, z_shap
               rand(channels) * 0.3 + 1, rand(channels, z_channels, 1, 1, 1) * 0.5, rand(channels) * 0.3]
     w, b, yw, yb, bw, bb = (p.to(DEVICE, dtype) for p in params)
     args = (f, z, w, b, groups, 1e-6, yw, yb, bw, bb, True)
-    got = triton_ops.spatial_norm(*args)
-    exact = reference.spatial_norm(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
-    check(got, exact, reference.spatial_norm(*args))
+    got = sn.triton_spatial_norm(*args)
+    exact = sn.spatial_norm(*fp32(*args))
+    check(got, exact, sn.spatial_norm(*args))
     assert got.is_contiguous(memory_format=layout)
 
 

@@ -1,59 +1,32 @@
 """The fused VAE norm (GroupNorm + affine + optional spatial modulation `* scale + shift` + optional
-SiLU) of each backend against reference.group_norm.
+SiLU) of each backend against the reference `cvfast.ops.group_norm.group_norm`.
 
 Odd sizes: channels per group 3 and 5 (not a multiple of any block), frame counts 1, 2 and 3, height
-and width not multiples of 8, contiguous and channels_last_3d inputs. Tolerance as in test_triton.py
-(FlashAttention's rule): in bf16 the backend's max error against the fp32 reference is at most twice
+and width not multiples of 8, contiguous and channels_last_3d inputs. Tolerance (tests/numerics.py,
+FlashAttention's rule): in bf16 the backend's max error against the fp32 reference is at most twice
 PyTorch's own bf16 error; in fp32 it agrees to fp32 rounding. An unwritten output element fails the
 element-wise comparison (the Triton kernel's outputs are also allocated NaN-filled).
 """
 import pytest
 import torch
 
-from cvfast.ops import reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32_TOL = 2e-5  # relative to the reference's largest value
-
-
-def _native():
-    from cvfast.ops import native_ops
-    return native_ops.group_norm
+from cvfast import ops
+from cvfast.ops import group_norm as gn
+from tests.numerics import DEVICE, LAYOUTS, check, fp32, poison_outputs
 
 
-def _triton():
-    pytest.importorskip("triton", reason="triton is not installed")
-    from cvfast.ops import triton_ops
-    return triton_ops.group_norm
-
-
-BACKENDS = {"native": _native, "triton": _triton}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=["native", "triton"])
 def group_norm(request, monkeypatch):
     """The backend's group_norm; the Triton kernel's outputs start as NaN."""
-    try:
-        fn = BACKENDS[request.param]()
-    except ImportError as exc:
-        pytest.fail(f"backend {request.param} does not import: {exc}")
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    (impl,) = [i for i in ops.alternatives("group_norm") if i.backend == request.param]
+    if impl.unavailable:
+        pytest.fail(f"backend {request.param} does not import: {impl.unavailable}")
     if request.param == "triton":
         from cvfast.kernels import group_norm as kernel
-        monkeypatch.setattr(kernel, "new_output",
-                            lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-    return fn
-
-
-def check(got, exact, own):
-    """got: the backend in x's dtype; exact: the fp32 reference; own: the reference run in x's dtype."""
-    assert got.shape == exact.shape and got.dtype == own.dtype
-    assert torch.isfinite(got).all(), "NaN/Inf (or an unwritten element) in the output"
-    err = (got.float() - exact).abs().max().item()
-    if got.dtype == torch.float32:
-        assert err <= FP32_TOL * max(1.0, exact.abs().max().item()), err
-    else:
-        bound = (own.float() - exact).abs().max().item()
-        assert err <= 2 * bound + 1e-6, (err, bound)
+        poison_outputs(monkeypatch, kernel)
+    return impl.fn
 
 
 def inputs(shape, groups, dtype, layout, spatial, seed):
@@ -69,13 +42,6 @@ def inputs(shape, groups, dtype, layout, spatial, seed):
     return move(x), w.to(DEVICE, dtype), b.to(DEVICE, dtype), move(scale), move(shift)
 
 
-def fp32(*tensors):
-    return [None if t is None else t.float() for t in tensors]
-
-
-LAYOUTS = [torch.contiguous_format, torch.channels_last_3d]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((1, 12, 1, 5, 7), 4), ((2, 20, 2, 9, 13), 4), ((1, 10, 3, 6, 11), 2)])
@@ -84,14 +50,14 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last_3d]
 def test_group_norm_matches_reference(group_norm, dtype, layout, shape, groups, spatial, silu):
     x, w, b, scale, shift = inputs(shape, groups, dtype, layout, spatial, seed=sum(shape) + groups)
     got = group_norm(x, w, b, groups, 1e-6, scale, shift, silu)
-    exact = reference.group_norm(*fp32(x, w, b), groups, 1e-6, *fp32(scale, shift), silu=silu)
-    check(got, exact, reference.group_norm(x, w, b, groups, 1e-6, scale, shift, silu=silu))
+    exact = gn.group_norm(*fp32(x, w, b), groups, 1e-6, *fp32(scale, shift), silu=silu)
+    check(got, exact, gn.group_norm(x, w, b, groups, 1e-6, scale, shift, silu=silu))
 
 
 def test_group_norm_mixed_layouts(group_norm):
     """x channels-last with contiguous scale/shift (and the reverse): the result does not depend on it."""
     x, w, b, scale, shift = inputs((1, 12, 2, 5, 7), 3, torch.float32, torch.channels_last_3d, True, seed=1)
-    exact = reference.group_norm(x, w, b, 3, 1e-6, scale, shift, silu=True)
+    exact = gn.group_norm(x, w, b, 3, 1e-6, scale, shift, silu=True)
     check(group_norm(x, w, b, 3, 1e-6, scale.contiguous(), shift.contiguous(), True), exact, exact)
     check(group_norm(x.contiguous(), w, b, 3, 1e-6, scale, shift, True), exact, exact)
 
@@ -101,12 +67,11 @@ def test_triton_statistics_merge_across_programs(monkeypatch):
     uses one): force 3 splits, with a large channel mean that a naive sum of squares would cancel."""
     pytest.importorskip("triton", reason="triton is not installed")
     from cvfast.kernels import group_norm as kernel
-    from cvfast.ops import triton_ops
-    monkeypatch.setattr(kernel, "_splits", lambda length: 3)
+    monkeypatch.setattr(kernel, "statistics_splits", lambda length: 3)
     for layout in LAYOUTS:
         x, w, b, scale, shift = inputs((2, 12, 3, 5, 7), 4, torch.float32, layout, True, seed=5)
         x = x + 300.0
         # float64: at |x| ~ 300 fp32's own GroupNorm is off by its input rounding
-        exact = reference.group_norm(*(t.double() for t in (x, w, b)), 4, 1e-6, scale.double(), shift.double(),
-                                     silu=True).float()
-        check(triton_ops.group_norm(x, w, b, 4, 1e-6, scale, shift, True), exact, exact)
+        exact = gn.group_norm(*(t.double() for t in (x, w, b)), 4, 1e-6, scale.double(), shift.double(),
+                              silu=True).float()
+        check(gn.triton_group_norm(x, w, b, 4, 1e-6, scale, shift, True), exact, exact)

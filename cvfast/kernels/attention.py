@@ -103,7 +103,7 @@ def _attention_fwd(Q, K, V, Out, WQ, BQ, WK, BK, COS, SIN,
              mask=rows[:, None] < seq_q)
 
 
-def _config(head_dim: int) -> dict:
+def tile_config(head_dim: int) -> dict:
     """Tile sizes and launch shape. On a GPU: 128 query rows x 64 keys, as FlashAttention-2 and
     Triton's fused-attention tutorial use on A100/H100 (the fp32 accumulator of 128 x d stays in
     registers; 8 warps at d=128 for the larger tile); not yet tuned on a GPU by this project. Under
@@ -116,7 +116,7 @@ def _config(head_dim: int) -> dict:
 
 def _launch(q4, k4, v4, out4, norm, rope, n_text, scale, batch, heads, seq_q, seq_k, head_dim, dtype):
     """q4/k4/v4/out4: 4D views indexed (batch, head, seq, dim) in any layout."""
-    cfg = _config(head_dim)
+    cfg = tile_config(head_dim)
     wq, bq, wk, bk, eps = norm if norm is not None else (q4, q4, q4, q4, 0.0)  # unused without NORM
     cos, sin = rope if rope is not None else (q4, q4)
     grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)

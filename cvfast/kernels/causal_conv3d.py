@@ -6,7 +6,7 @@ out[b, :, t, h, w] = bias + sum over taps (dt, dh, dw) and input channels of
 chunk's last kt-1 input frames) or, without it, from frame 0 (the first frame replicated), and a
 source pixel outside the frame is zero. Both paddings are index arithmetic on the loads (the source
 frame is chosen per row, out-of-frame pixels are masked to zero): the padded input that
-`reference.causal_conv3d` builds with cat/pad is never written.
+the reference (`cvfast.ops.causal_conv3d`) builds with cat/pad is never written.
 
 GEMM view: M = batch * frames * height * width output voxels, N = c_out, K = taps * c_in. A program
 owns a BLOCK_M x BLOCK_N output tile and walks K tap by tap, BLOCK_K input channels at a time: the A tile is BLOCK_M voxels x BLOCK_K channels gathered from x, the B tile BLOCK_K x BLOCK_N
@@ -16,7 +16,8 @@ added to the fp32 tile before the one rounding at the store.
 Layouts: every tensor is addressed through its strides. In channels-last 3D (NDHWC, what the fast
 VAE path keeps) the A tile's BLOCK_K channels of a voxel are contiguous, so loads coalesce; a
 contiguous (NCDHW) input is read correctly but with strided channel loads. The caller picks the
-output's layout (the op keeps x's, `vae_norm.layout`, so a channels-last chain stays channels-last).
+output's layout (the op keeps x's, `cvfast.ops.group_norm.layout`, so a channels-last chain stays
+channels-last).
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _causal_conv3d(X, PAST, W, BIAS, RES, OUT, voxels, frames, height, width, c_
     tl.store(out, rounded(acc, OUT.dtype.element_ty), mask=mask)
 
 
-def _config(c_in: int, c_out: int) -> dict:
+def tile_config(c_in: int, c_out: int) -> dict:
     """Tile sizes. Not tuned (no GPU measured them yet): on a GPU, 128 voxels x 128 output channels x
     32 input channels per step is the standard tensor-core GEMM tile (a 64 KiB fp32 accumulator over
     8 warps, 64 registers a thread; A and B tiles of 8 KiB in bf16 per pipeline stage, 3 stages), cut
@@ -105,8 +106,8 @@ def _config(c_in: int, c_out: int) -> dict:
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, past: torch.Tensor | None,
                   residual: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
-    """reference.causal_conv3d(x, weight, bias, past) (+ residual). x, past, residual: any strides;
-    weight (c_out, c_in, kt, kh, kw) with odd kh, kw; the output channels_last_3d or contiguous."""
+    """`cvfast.ops.causal_conv3d.causal_conv3d(x, weight, bias, past)` (+ residual). x, past, residual:
+    any strides; weight (c_out, c_in, kt, kh, kw) with odd kh, kw; the output channels_last_3d or contiguous."""
     batch, c_in, frames, height, width = x.shape
     c_out, _, kt, kh, kw = weight.shape
     # (taps * c_in, c_out) with c_out contiguous: a B tile row is one coalesced load. The weight is
@@ -117,7 +118,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         out = new_output((batch, c_out, frames, height, width), x.dtype, x.device)
     has_past = past is not None and kt > 1
-    cfg = _config(c_in, c_out)
+    cfg = tile_config(c_in, c_out)
     voxels = batch * frames * height * width
     grid = (triton.cdiv(voxels, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
     _causal_conv3d[grid](x, past if has_past else x, w, bias if bias is not None else w,

@@ -87,7 +87,7 @@ def _apply(X, W, B, SCALE, SHIFT, MEAN, RSTD, OUT, numel, groups, channels, posi
     tl.store(OUT + i, rounded(y, OUT.dtype.element_ty), mask=mask)
 
 
-def _splits(length: int) -> int:
+def statistics_splits(length: int) -> int:
     """Statistics programs per (batch, group); the interpreter runs programs one by one, so one there."""
     return 1 if INTERPRET else max(1, min(MAX_SPLITS, length // ELEMENTS_PER_SPLIT))
 
@@ -106,7 +106,7 @@ def statistics(x: torch.Tensor, groups: int, eps: float, channels_last: bool) ->
     """fp32 mean and 1/std per (batch, group) of x (B, C, ...), contiguous or channels_last_3d."""
     batch, channels = x.shape[:2]
     positions = x.numel() // (batch * channels)
-    splits = _splits(channels // groups * positions)
+    splits = statistics_splits(channels // groups * positions)
     part = torch.empty(batch * groups, splits, 3, dtype=torch.float32, device=x.device)
     _partial_moments[(batch * groups, splits)](x, part, groups, channels, positions, splits,
                                                CHANNELS_LAST=channels_last, BLOCK=BLOCK)

@@ -5,8 +5,8 @@ The resized latent and the two 1x1x1 conv outputs (each f-sized) are never writt
 BLOCK_V voxels x BLOCK_C channels tile of f, finds each voxel's source latent voxel by PyTorch's
 nearest rule (src = min(floor(dst * (in / out)), in - 1) in fp32, per axis; with an odd frame count
 > 1 frame 0 maps to latent frame 0 and the other frames to latent frames 1.., as
-`reference.resize_latent`), gathers that (BLOCK_V, z_channels) latent tile (z is small and stays in
-cache) and gets scale and shift as two (BLOCK_V x z_channels) @ (z_channels x BLOCK_C) products.
+`cvfast.ops.spatial_norm.resize_latent`), gathers that (BLOCK_V, z_channels) latent tile (z is small
+and stays in cache) and gets scale and shift as two (BLOCK_V x z_channels) @ (z_channels x BLOCK_C) products.
 Statistics: `group_norm.statistics`. f contiguous or channels_last_3d (the output takes its layout);
 z any strides. fp32 math, one rounding at the store.
 """
@@ -74,7 +74,7 @@ def _spatial_norm(F, Z, W, B, YW, YB, BW, BB, MEAN, RSTD, OUT, voxels, channels,
     tl.store(OUT + offs, rounded(y, OUT.dtype.element_ty), mask=mask)
 
 
-def _config(channels: int, z_channels: int) -> dict:
+def tile_config(channels: int, z_channels: int) -> dict:
     """Not tuned (no GPU measured it yet). A memory-bound pass: 64 voxels x 64 channels (4096
     elements, 16 a thread at 4 warps) reads f in 64-channel runs (channels-last) or 64-voxel runs
     (contiguous), both whole 128-byte lines in bf16; the latent tile (64 x 16) and the two 16 x 64
@@ -90,8 +90,8 @@ def _config(channels: int, z_channels: int) -> dict:
 
 def spatial_norm(f: torch.Tensor, z: torch.Tensor, weight, bias, groups: int, eps: float, y_weight, y_bias,
                  b_weight, b_bias, silu: bool, channels_last: bool) -> torch.Tensor:
-    """reference.spatial_norm. f contiguous (channels_last False) or channels_last_3d (True), the
-    output in the same layout; z any strides; y_weight/b_weight (C, z_channels) contiguous; weight,
+    """`cvfast.ops.spatial_norm.spatial_norm`. f contiguous (channels_last False) or channels_last_3d
+    (True), the output in the same layout; z any strides; y_weight/b_weight (C, z_channels) contiguous; weight,
     bias, y_bias, b_bias (C,) contiguous."""
     batch, channels, frames, height, width = f.shape
     z_channels, z_frames, z_height, z_width = z.shape[1:]
@@ -102,7 +102,7 @@ def spatial_norm(f: torch.Tensor, z: torch.Tensor, weight, bias, groups: int, ep
         out = new_output(f.shape, f.dtype, f.device)
     first_alone = frames > 1 and frames % 2 == 1
     scale_t = (z_frames - 1) / (frames - 1) if first_alone else z_frames / frames
-    cfg = _config(channels, z_channels)
+    cfg = tile_config(channels, z_channels)
     voxels = batch * frames * height * width
     grid = (triton.cdiv(voxels, cfg["BLOCK_V"]), triton.cdiv(channels, cfg["BLOCK_C"]))
     _spatial_norm[grid](f, z, weight, bias, y_weight, y_bias, b_weight, b_bias, mean, rstd, out, voxels, channels,

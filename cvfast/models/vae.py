@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import OpSet, reference
-from ..ops.vae_norm import layout
+from ..ops import OpSet
+from ..ops.group_norm import layout
+from ..ops.spatial_norm import resize_latent
 from .config import VAEConfig
 from .geometry import LATENT_FRAME_BATCH, SAMPLE_FRAME_BATCH, decoded_frames, encoded_frames, frame_chunks
 from .vae_tiling import Tiling, run_tiled
@@ -107,7 +108,7 @@ class SpatialNorm3D(nn.Module):
                                          b.bias, True)
         # Composed from the op set (a fused group_norm of another backend, if any): the resized latent
         # and the two 1x1x1 conv outputs are written. Kernel-1 convs: nothing to cache.
-        zq = reference.resize_latent(z, f.shape[-3:])
+        zq = resize_latent(z, f.shape[-3:])
         scale, shift = self.conv_y(zq, {}, {}), self.conv_b(zq, {}, {})
         return self.ops.group_norm(f, n.weight, n.bias, n.num_groups, n.eps, scale=scale, shift=shift, silu=True)
 

@@ -1,38 +1,42 @@
 """The functional layer the models call.
 
-Every op has a plain-PyTorch reference here (`reference.py`, the oracle) and zero or more backends:
-`sdpa` (PyTorch's scaled_dot_product_attention), `flash_attn` (FlashAttention 2/3 when installed)
-and `triton` (the kernels in `cvfast.kernels`, registered as `torch.library` custom ops). A backend
-declares where it runs and answers *why not* for an input (`dispatch.Impl`); `resolve()` builds
-the `OpSet` a pipeline's modules call, which chooses once per op and input signature. No module
-globals are ever rewritten.
+One module per op (family) holds the op's plain-PyTorch reference (the oracle), its why-not rules and
+its backends, and registers them with `registry` as it is imported: `joint_attention.py` (attention,
+joint_attention, rope), `adaln.py` (layer_norm, modulate, gated_residual, gated_residual_modulate),
+`mlp.py` (gelu_mlp), `group_norm.py`, `causal_conv3d.py`, `spatial_norm.py`. Backends: `sdpa`
+(PyTorch's scaled_dot_product_attention), `flash_attn` (FlashAttention 2/3 when installed), `triton`
+(the kernels in `cvfast.kernels`, registered as `torch.library` custom ops) and `native` (the C++/CUDA
+extension `cvfast._C`). A backend declares where it runs and answers *why not* for an input
+(`registry.Impl`); `resolve()` builds the `OpSet` a pipeline's modules call, which chooses once per op
+and input signature. No module globals are ever rewritten.
 
-Op contracts (shapes in the reference's docstrings):
+Op contracts (shapes in the references' docstrings):
   attention(q, k, v, scale=None)            (B, H, S, d) x3 -> (B, H, S, d)
   joint_attention(qkv, heads, ...)          (B, S, 3*H*d) -> (B, S, H*d): QK norm + RoPE + attention
   modulate(h, w, b, shift, scale, n_text, eps)              LayerNorm + adaLN per text/video segment
   gated_residual(h, y, gate, n_text)                        h + gate * y
   gated_residual_modulate(h, y, gate, w, b, shift, scale, n_text, eps) -> (h', modulate(h'))
   gelu_mlp(x, w1, b1, w2, b2)                               Linear -> GELU(tanh) -> Linear
-  rope, layer_norm, group_norm, causal_conv3d, spatial_norm see reference.py
+  rope, layer_norm, group_norm, causal_conv3d, spatial_norm see their modules
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 
 import torch
 
 from ..core.errors import bad_arg
-from . import reference, sdpa
-from .dispatch import OP_NAMES, Impl, OpSet, reference_impl
+# Imported in the order OP_NAMES lists their ops (each registers its ops as it is imported).
+from . import joint_attention, adaln, mlp, group_norm, causal_conv3d, spatial_norm  # noqa: F401
+from .registry import Impl, OpSet, op_names, reference_impl, registered_alternatives
 
-__all__ = ["Impl", "OpSet", "OP_NAMES", "BACKEND_CHOICES", "resolve", "alternatives", "attention",
-           "unavailable_backends"]
+__all__ = ["Impl", "OpSet", "OP_NAMES", "AUTO_ORDER", "AUTO_ORDER_BY_OP", "BACKEND_CHOICES", "resolve",
+           "alternatives", "attention"]
 
 log = logging.getLogger("cvfast")
 
+OP_NAMES = op_names()
 BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn", "native")
 
 # backend="auto": preference per device type, fastest first; the reference always ends the list.
@@ -50,59 +54,16 @@ AUTO_ORDER = {
 AUTO_ORDER_BY_OP = {("cuda", "causal_conv3d"): ()}
 
 
-def _sdpa_impls() -> dict[str, list[Impl]]:
-    joint = functools.partial(reference.joint_attention, attend=sdpa.attention)
-    return {"attention": [Impl("sdpa", sdpa.attention, why_not=sdpa.why_not)],
-            "joint_attention": [Impl("sdpa", joint, why_not=sdpa.joint_why_not)]}
-
-
-def _optional(module: str, backend: str, ops: tuple[str, ...]) -> dict[str, list[Impl]]:
-    """A backend's impls from `cvfast.ops.<module>`, or, when it fails to import, placeholders that
-    say why (so asking for it names the import error instead of ignoring it)."""
-    try:
-        impls = importlib.import_module(f"{__name__}.{module}").IMPLS
-        return {op: [impl] for op, impl in impls.items()}
-    except Exception as exc:  # ImportError, or a compile/driver error raised at import
-        reason = f"{backend} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        return {op: [Impl(backend, _unavailable(reason), unavailable=reason)] for op in ops}
-
-
-def _unavailable(reason: str):
-    def fn(*args, **kwargs):
-        raise RuntimeError(reason)
-    return fn
-
-
-@functools.lru_cache(maxsize=None)
-def _registry() -> dict[str, tuple[Impl, ...]]:
-    """Every non-reference impl per op, imported once."""
-    found: dict[str, list[Impl]] = {op: [] for op in OP_NAMES}
-    for part in (_sdpa_impls(),
-                 _optional("flash", "flash_attn", ("attention", "joint_attention")),
-                 _optional("triton_ops", "triton", ("attention", "joint_attention", "layer_norm", "modulate",
-                                                    "gated_residual", "gated_residual_modulate", "gelu_mlp",
-                                                    "group_norm", "causal_conv3d", "spatial_norm")),
-                 _optional("native_ops", "native", ("group_norm",))):
-        for op, impls in part.items():
-            found[op] += impls
-    return {op: tuple(impls) for op, impls in found.items()}
-
-
 def alternatives(op: str) -> list[Impl]:
     """The registered non-reference implementations of `op` (available or not)."""
-    return list(_registry().get(op, ()))
-
-
-def unavailable_backends() -> dict[str, str]:
-    """{backend: why} for the backends that failed to import here."""
-    return {impl.backend: impl.unavailable for impls in _registry().values() for impl in impls if impl.unavailable}
+    return list(registered_alternatives(op))
 
 
 def resolve(backend: str, device: torch.device | str) -> OpSet:
     """The OpSet for `backend` on `device`.
 
-    "reference": plain PyTorch everywhere (the oracle). "sdpa", "flash_attn", "triton": every op
-    that backend implements uses it (an input it cannot take is an error listing the reasons), the
+    "reference": plain PyTorch everywhere (the oracle). "sdpa", "flash_attn", "triton", "native": every
+    op that backend implements uses it (an input it cannot take is an error listing the reasons), the
     others the reference. "auto": per op the backends of `AUTO_ORDER` that run on the device, then
     the reference; an input the preferred one cannot take falls to the next with one warning line.
     """
@@ -157,4 +118,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     head_dim) -> (batch, heads, seq_q, head_dim) in q's dtype. scale: default 1/sqrt(head_dim).
     backend: None/"auto" (the fastest that takes the input), or one of BACKEND_CHOICES."""
     return _default_opset(backend or "auto", q.device).attention(q, k, v, scale=scale)
-

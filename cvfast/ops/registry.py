@@ -1,6 +1,10 @@
-"""Capability dispatch: each backend's implementation of an op declares where it runs and answers
-*why not* for an input; an `OpSet` chooses once per op and input signature (shapes, strides,
-dtypes, device and the scalar arguments) and remembers the choice.
+"""Registration and capability dispatch.
+
+Each op module registers, when it is imported, the op's plain-PyTorch reference (the oracle) and its
+backends' `Impl`s; a backend that failed to import registers a placeholder that names the import
+error. Each `Impl` declares where it runs and answers *why not* for an input; an `OpSet` chooses once
+per op and input signature (shapes, strides, dtypes, device and the scalar arguments) and remembers
+the choice.
 """
 from __future__ import annotations
 
@@ -11,13 +15,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.errors import CVFastInputError
-from . import reference
 
 log = logging.getLogger("cvfast")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OP_NAMES = ("attention", "joint_attention", "rope", "layer_norm", "modulate", "gated_residual",
-            "gated_residual_modulate", "gelu_mlp", "group_norm", "causal_conv3d", "spatial_norm")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,57 @@ class Impl:
             out += self.why_not(*args, **kwargs)
         return out
 
+
+# -- registration ----------------------------------------------------------------------------------
+
+@dataclass
+class _Op:
+    reference: Callable
+    alternatives: tuple[Impl, ...]
+
+
+_OPS: dict[str, _Op] = {}  # in registration order: the order of `op_names()`
+
+
+def register(op: str, reference: Callable, alternatives: Sequence[Impl] = ()) -> None:
+    """Called by each op module as it is imported: `op`'s reference and its backends' Impls."""
+    if op in _OPS:
+        raise RuntimeError(f"op {op!r} is registered twice")
+    _OPS[op] = _Op(reference, tuple(alternatives))
+
+
+def op_names() -> tuple[str, ...]:
+    """The registered ops in registration order, which the import order of `cvfast/ops/__init__.py` fixes."""
+    return tuple(_OPS)
+
+
+def reference(op: str) -> Callable:
+    """The plain-PyTorch reference of `op` (the oracle every backend is tested against)."""
+    return _OPS[op].reference
+
+
+def reference_impl(op: str) -> Impl:
+    return Impl("reference", reference(op), devices=("cpu", "cuda", "meta"))
+
+
+def registered_alternatives(op: str) -> tuple[Impl, ...]:
+    """The non-reference Impls registered for `op`, available or not, in registration order."""
+    return _OPS[op].alternatives if op in _OPS else ()
+
+
+def placeholder(backend: str, error: BaseException) -> Impl:
+    """The Impl of a backend that failed to import (`error`): it runs nowhere, gives the error as its
+    one-line reason, and raises that reason when called, so asking for the backend by name names the
+    import error instead of ignoring it."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    reason = f"{backend} is unavailable ({type(error).__name__}: {message})"
+
+    def fn(*args, **kwargs):
+        raise RuntimeError(reason)
+    return Impl(backend, fn, unavailable=reason)
+
+
+# -- dispatch --------------------------------------------------------------------------------------
 
 def _flat(values: tuple) -> list:
     out = []
@@ -148,11 +200,11 @@ class OpSet:
     Each op maps to one `Impl` (always used) or to candidates in order of preference, the last of
     them the reference; the first candidate that can take a call's input signature is chosen on the
     first call with that signature and kept. `required` names a backend whose refusal is an error
-    instead of a fallback (`backend="triton"`).
+    instead of a fallback (`backend="triton"`). Without `impls`, every registered op's reference.
     """
 
     def __init__(self, impls: dict[str, Impl | Sequence[Impl]] | None = None, required: str | None = None):
-        impls = {op: reference_impl(op) for op in OP_NAMES} if impls is None else impls
+        impls = {op: reference_impl(op) for op in op_names()} if impls is None else impls
         self._ops = {op: _Dispatcher(op, [c] if isinstance(c, Impl) else c, required) for op, c in impls.items()}
 
     def __getattr__(self, name: str) -> Callable:
@@ -168,7 +220,3 @@ class OpSet:
     def names(self) -> dict[str, str]:
         """{op: backend}; an op that used several backends (for different inputs) lists them joined by '+'."""
         return {op: "+".join(d.backends()) for op, d in self._ops.items()}
-
-
-def reference_impl(op: str) -> Impl:
-    return Impl("reference", getattr(reference, op), devices=("cpu", "cuda", "meta"))
