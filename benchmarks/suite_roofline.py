@@ -37,7 +37,7 @@ and unconditional passes batched, as the pipeline runs them; 1 without), and `st
 
 Row extras: flop, bytes_reference, bytes_fused, count (units), batch, compute_ms, memory_fused_ms,
 memory_reference_ms, frac_of_step_floor, ratio_bytes_reference_to_fused and, for "linear", the FLOPs
-per module (qkv, attn_out, ...). The blocks are traced once and repeated (see `_Trace`); a 5B
+per module (qkv, attn_out, ...). The blocks are traced once and repeated (see `Trace`); a 5B
 49x480x720 roofline takes about a second on a CPU.
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ def _spec(x):
     return x
 
 
-class _Trace:
+class Trace:
     """The meta model with its counting hooks; `run(batch)` returns the units of one forward.
 
     The transformer's blocks are identical in structure (same config, same parameter shapes), so a
@@ -301,7 +301,7 @@ def roofline(model: str, frames: int, height: int, width: int, steps: int = 50, 
         if latent_shape != sample:
             raise ValueError(f"{model} has learned positions for latent {sample} only, not {latent_shape}")
 
-    trace = _Trace(tcfg, latent_shape, text_tokens)
+    trace = Trace(tcfg, latent_shape, text_tokens)
     forward = trace.run(1)
     step_batch = 2 if cfg else 1
     step = forward if step_batch == 1 else trace.run(step_batch)

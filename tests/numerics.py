@@ -1,4 +1,4 @@
-"""What the op and kernel tests share: the tolerance rule and NaN-poisoned kernel outputs.
+"""What the tests share: relative errors, the tolerance rule and NaN-poisoned kernel outputs.
 
 Tolerance, as FlashAttention's tests state it: in bf16/fp16 a backend's max error against the fp32
 reference is at most twice the error of PyTorch doing the same math in that dtype; in fp32 it must
@@ -7,6 +7,7 @@ element a kernel fails to write fails `check`.
 """
 import math
 
+import numpy as np
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,6 +18,16 @@ FP32_TOL = 2e-5  # fp32 backends vs the fp32 reference, relative to the referenc
 def fp32(*values):
     """The tensors among `values` as float32; other values (None, sizes, flags) as they are."""
     return [v.float() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def rel_l2(a, b) -> float:
+    """||a - b|| / ||b|| in float64, for two tensors or arrays of one shape, both finite, b not zero."""
+    a, b = (np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, np.float64) for x in (a, b))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    norm = np.linalg.norm(b)
+    assert norm > 0
+    return float(np.linalg.norm(a - b) / norm)
 
 
 def max_error(got: torch.Tensor, exact: torch.Tensor) -> float:

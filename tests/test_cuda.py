@@ -13,7 +13,7 @@ from cvfast.ops import adaln, spatial_norm
 from cvfast.ops import causal_conv3d as conv
 from cvfast.ops import group_norm as gn
 from cvfast.ops import joint_attention as attn
-from tests.numerics import check, fp32, naive_attention, within_twice_pytorch
+from tests.numerics import check, fp32, naive_attention, rel_l2, within_twice_pytorch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,11 +24,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_defaults_on_cuda_are_cuda_bf16():
@@ -42,7 +37,7 @@ def test_tiny_fp32_on_cuda_equals_cpu():
     cpu = cvfast.load("tiny", device="cpu").generate("a red boat", **kw).frames
     gpu = cvfast.load("tiny", device="cuda", dtype=torch.float32).generate("a red boat", **kw).frames
     assert torch.isfinite(torch.from_numpy(gpu)).all()
-    assert rel(torch.from_numpy(gpu), torch.from_numpy(cpu)) < 1e-5
+    assert rel_l2(torch.from_numpy(gpu), torch.from_numpy(cpu)) < 1e-5
 
 
 def test_bf16_stages_within_twice_bf16_own_error():
@@ -64,7 +59,7 @@ def test_bf16_stages_within_twice_bf16_own_error():
     exact, own, got = stages(f32, torch.float32), stages(cpu16, torch.bfloat16), stages(gpu16, torch.bfloat16)
     for name, e, o, g in zip(("text", "transformer", "vae"), exact, own, got):
         assert torch.isfinite(g).all(), name
-        assert rel(g, e) <= 2 * rel(o, e) + 1e-3, name
+        assert rel_l2(g, e) <= 2 * rel_l2(o, e) + 1e-3, name
 
 
 @pytest.mark.parametrize("heads,seq", [(48, 17776), (30, 4001), (3, 333)])
@@ -137,7 +132,7 @@ def test_triton_backend_generates_like_the_reference_in_bf16():
     lowp = {b: cvfast.load("tiny", dtype=torch.bfloat16, backend=b).generate("a red boat", **kw).frames
             for b in ("reference", "triton")}
     assert torch.isfinite(lowp["triton"]).all()
-    assert rel(lowp["triton"], exact) <= 2 * rel(lowp["reference"], exact) + 1e-3
+    assert rel_l2(lowp["triton"], exact) <= 2 * rel_l2(lowp["reference"], exact) + 1e-3
 # -- CUDA-graph sampler (cvfast/sampler/graph.py) ------------------------------------------------
 # A shape's first generate() runs eagerly, the second captures its step (the first step is the
 # warm-up) and replays the rest, the third replays every step: each must equal the eager run bit for
@@ -200,7 +195,7 @@ def test_tensorrt_engine_generates_like_the_reference(tmp_path, dtype):
     lowp = cvfast.load(folder, dtype=dtype, backend="reference").generate("a red boat", **kw).frames
     assert torch.isfinite(got).all()
     # fp32: TensorRT may run fp32 matmuls in TF32, hence the absolute allowance.
-    assert rel(got, exact) <= 2 * rel(lowp, exact) + (1e-3 if dtype == torch.float32 else 1e-2)
+    assert rel_l2(got, exact) <= 2 * rel_l2(lowp, exact) + (1e-3 if dtype == torch.float32 else 1e-2)
 
 
 # The fused VAE norm (native CUDA kernel and Triton) at CogVideoX decoder sizes: 512/256/128 channels,
@@ -279,7 +274,7 @@ def test_fast_vae_decode_with_tiling_and_frame_batches():
                         generator=torch.Generator().manual_seed(0)).cuda()
         videos[backend] = pipe.vae.decode(z, tiling=tiling)
     assert pipe.backends()["causal_conv3d"] == "triton"
-    assert rel(videos["triton"], videos["reference"]) < 1e-4
+    assert rel_l2(videos["triton"], videos["reference"]) < 1e-4
 
 
 # The fused spatial norm at decoder sizes (bf16): 512 channels at the 60x90 latent size, 256 at

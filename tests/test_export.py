@@ -16,6 +16,7 @@ import torch
 import cvfast
 from cvfast import CVFastInputError
 from cvfast.models.geometry import latent_shape
+from tests.numerics import rel_l2
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 96          # latent 3 x 8 x 12 (1.5: 3 latent frames padded to 4)
 
@@ -88,11 +89,6 @@ def exported(tmp_path_factory, cli_export):
     return get
 
 
-def _rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 # 2B last: its export runs in the CLI subprocess meanwhile (see cli_export).
 @pytest.mark.parametrize("variant", ["5b", "1.5", "1.5-i2v", "2b"])
 def test_export_matches_reference_at_batch_1_and_2(exported, variant):
@@ -140,7 +136,7 @@ def test_export_matches_reference_at_batch_1_and_2(exported, variant):
         ref = pipe.transformer(latents, text, t.long(), tables, ofs=ofs).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(["noise_pred"], {k: v.numpy() for k, v in feed.items()})[0]
-    assert out.shape == ref.shape and _rel_l2(out, ref) < 1e-4
+    assert out.shape == ref.shape and rel_l2(out, ref) < 1e-4
 
 
 def test_external_data_switch(exported):

@@ -11,7 +11,8 @@ import cvfast
 from cvfast import CVFastInputError
 from cvfast.runtime import Offload
 from tests.fixtures import tiny_folder
-from tests.test_pipeline import PROMPT, rel_l2
+from tests.test_pipeline import PROMPT
+from tests.numerics import rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402  (diffusers depends on Pillow)

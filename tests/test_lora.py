@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 import cvfast
 from cvfast import LoRAError
 from tests.fixtures import tiny_folder
-from tests.test_pipeline import PROMPT, SIZE, rel_l2
+from tests.test_pipeline import PROMPT, SIZE
+from tests.numerics import rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")

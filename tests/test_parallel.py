@@ -33,8 +33,9 @@ from cvfast.models.vae_tiling import Tiling
 from cvfast.runtime.parallel import ParallelConfig, ParallelContext, parse
 from tests.fixtures import tiny_folder
 from tests.test_image_video import pil, smooth_frame
-from tests.test_pipeline import PROMPT, rel_l2
-from tests.test_vae import _pair
+from tests.test_pipeline import PROMPT
+from tests.numerics import rel_l2
+from tests.test_vae import vae_pair
 from tests.test_vae_tiling import TILED_DECODE_BOUND
 
 pytest.importorskip("diffusers")  # the tiny folders are written with diffusers
@@ -167,7 +168,7 @@ def decode_case(tmp_path: Path, vae_tiling: bool | str) -> dict:
     """test_vae_tiling's exact case: a VAE whose tiles (6x10 latents, stride 5x8) fit exactly, and a
     13x21 latent: 3 x 3 tiles, so the last round of tiles leaves some ranks idle. A parallel decode
     tiles with vae_tiling "auto" too, on such a VAE."""
-    _, vae = _pair(sample_height=96, sample_width=160)
+    _, vae = vae_pair(sample_height=96, sample_width=160)
     torch.save(dict(config=dataclasses.asdict(vae.config), state=vae.state_dict()), tmp_path / "vae.pt")
     z = torch.randn(1, 4, 3, 13, 21, generator=torch.Generator().manual_seed(1))
     # In the sampler's layout (batch, frames, channels, h, w), scaled, as the pipeline decodes them.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cvfast
+from tests.numerics import rel_l2
 from tests.fixtures import pipeline_class, tiny_folder
 
 diffusers = pytest.importorskip("diffusers")
@@ -32,11 +33,6 @@ CASES = [
     ("1.5", "dpm", 6.0, False),
     ("1.5", "dpm", 1.0, False),
 ]
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def diffusers_frames(folder, variant, seed, steps, guidance, dynamic, size=SIZE, **kw):

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.suite_roofline import _Trace, load_devices, roofline
+from benchmarks.suite_roofline import Trace, load_devices, roofline
 from cvfast.models.config import PRESETS
 
 TEXT = 226
@@ -114,7 +114,7 @@ def test_temporal_patching_pads_latent_frames():
 @pytest.mark.parametrize("preset", ["2b", "5b"])
 def test_repeating_a_traced_block_equals_tracing_every_block(preset):
     cfg = dataclasses.replace(PRESETS[preset], num_layers=3)
-    trace = _Trace(cfg, (3, 8, 12), TEXT)
+    trace = Trace(cfg, (3, 8, 12), TEXT)
     repeated = trace.run(2)
     full = trace.run(2, repeat_blocks=False)
     key = lambda u: (u.label, u.flop, u.bytes_reference, u.fused, u.part)  # noqa: E731

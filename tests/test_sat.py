@@ -22,7 +22,8 @@ import cvfast
 from cvfast.cli import main as cli_main
 from cvfast import LoRAError, UnsafePickleError, WeightError, convert_sat
 from tests.fixtures import scheduler_config, tiny_folder, transformer_config, vae_config
-from tests.test_pipeline import PROMPT, SIZE, diffusers_frames, rel_l2
+from tests.test_pipeline import PROMPT, SIZE, diffusers_frames
+from tests.numerics import rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -6,6 +6,7 @@ from cvfast.models.config import TransformerConfig
 from cvfast.models.transformer import CogVideoXTransformer
 from cvfast.checkpoints import load_into
 from cvfast.checkpoints.diffusers import transformer_state_dict
+from tests.numerics import rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,10 +18,6 @@ VARIANTS = {
     "1.5-i2v": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False, in_channels=8,
                     ofs_embed_dim=16),
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_pair(variant, sample_frames=9, sample_h=6, sample_w=10):
@@ -65,7 +62,7 @@ def test_forward_matches_diffusers(variant):
         got = ours(x, text, t, ours.position_tables(frames, h, w, "cpu"), ofs=ofs)
     assert got.shape == expected.shape
     assert torch.isfinite(got).all()
-    assert rel_err(got, expected) < 1e-5
+    assert rel_l2(got, expected) < 1e-5
 
 
 def test_unknown_and_misshaped_weights_are_named():

@@ -2,27 +2,39 @@
 small random model whose GroupNorm affines are perturbed so that they matter."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from cvfast.models.vae import CogVideoXVAE, VAEConfig, frame_chunks
+from cvfast.models.config import VAEConfig
+from cvfast.models.geometry import frame_chunks
+from cvfast.models.vae import CogVideoXVAE
 from cvfast.ops import OP_NAMES, Impl, OpSet
 from cvfast.ops.causal_conv3d import causal_conv3d
 from cvfast.ops.registry import reference
+from tests.numerics import rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 
-TOL = 1e-6
+TOL = 1e-6  # between two fp32 runs of the same arithmetic (cvfast against itself)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert b.norm() > 0
-    return ((a - b).norm() / b.norm()).item()
+def within_twice_diffusers(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor) -> None:
+    """FlashAttention's rule between two fp32 implementations: cvfast's output is at most twice as
+    far (relative L2) from diffusers computed in float64 as diffusers' own fp32 output. (A fixed bar
+    does not fit: diffusers' fp32 error on this network is ~1e-6 itself, and the two summation
+    orders differ by that much on some CPUs.)"""
+    ours, own = rel_l2(got.double(), ref64), rel_l2(ref32.double(), ref64)
+    assert ours <= 2 * own, (ours, own)
 
 
-def _pair(**overrides):
+def in_float64(ref):
+    """A float64 copy of a diffusers VAE: the oracle both fp32 implementations are measured against."""
+    return copy.deepcopy(ref).double()
+
+
+def vae_pair(**overrides):
     """(diffusers VAE, cvfast VAE) with the same random weights."""
     kwargs = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
                   down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
@@ -41,7 +53,7 @@ def _pair(**overrides):
 
 @pytest.fixture(scope="module")
 def pair():
-    return _pair()
+    return vae_pair()
 
 
 def test_state_dict_names_and_shapes_match(pair):
@@ -81,9 +93,8 @@ def test_decode_matches_diffusers(pair, latent_frames):
     ref, ours = pair
     z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(latent_frames))
     with torch.no_grad():
-        expected = ref.decode(z).sample
-    got = ours.decode(z)
-    assert rel_err(got, expected) < TOL
+        expected, exact = ref.decode(z).sample, in_float64(ref).decode(z.double()).sample
+    within_twice_diffusers(ours.decode(z), expected, exact)
 
 
 @pytest.mark.parametrize("frames,height,width", [(1, 8, 8), (5, 16, 24), (9, 16, 24), (17, 8, 8)])
@@ -92,29 +103,32 @@ def test_encode_matches_diffusers(pair, frames, height, width):
     x = torch.rand(2 if frames == 1 else 1, 3, frames, height, width,
                    generator=torch.Generator().manual_seed(frames)) * 2 - 1
     with torch.no_grad():
-        dist = ref.encode(x).latent_dist
+        dist, exact = ref.encode(x).latent_dist, in_float64(ref).encode(x.double()).latent_dist
     mean, logvar = ours.encode(x)
-    assert rel_err(mean, dist.mean) < TOL
-    assert rel_err(logvar, dist.logvar) < TOL
-    # posterior sampling with the same seeded CPU generator
+    within_twice_diffusers(mean, dist.mean, exact.mean)
+    within_twice_diffusers(logvar, dist.logvar, exact.logvar)
+    # posterior sampling with the same seeded CPU generator (the fp64 oracle takes the same fp32 noise)
     sample = CogVideoXVAE.sample_posterior(mean, logvar, torch.Generator().manual_seed(7))
-    assert rel_err(sample, dist.sample(torch.Generator().manual_seed(7))) < TOL
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7)).double()
+    within_twice_diffusers(sample, dist.sample(torch.Generator().manual_seed(7)),
+                           exact.mean + torch.exp(0.5 * exact.logvar) * noise)
 
 
 def test_quant_convs_match_diffusers():
     # diffusers sizes quant_conv by out_channels, so it only runs with latent_channels == out_channels
-    ref, ours = _pair(latent_channels=3, use_quant_conv=True, use_post_quant_conv=True,
+    ref, ours = vae_pair(latent_channels=3, use_quant_conv=True, use_post_quant_conv=True,
                       block_out_channels=(8, 16), temporal_compression_ratio=2,
                       down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2)
     assert set(ours.state_dict()) == set(ref.state_dict())
     z = torch.randn(1, 3, 3, 4, 5, generator=torch.Generator().manual_seed(1))
     x = torch.rand(1, 3, 5, 8, 10, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
-        expected = ref.decode(z).sample
-        dist = ref.encode(x).latent_dist
-    assert rel_err(ours.decode(z), expected) < TOL
+        expected, dist = ref.decode(z).sample, ref.encode(x).latent_dist
+        exact, exact_dist = in_float64(ref).decode(z.double()).sample, in_float64(ref).encode(x.double()).latent_dist
+    within_twice_diffusers(ours.decode(z), expected, exact)
     mean, logvar = ours.encode(x)
-    assert rel_err(mean, dist.mean) < TOL and rel_err(logvar, dist.logvar) < TOL
+    within_twice_diffusers(mean, dist.mean, exact_dist.mean)
+    within_twice_diffusers(logvar, dist.logvar, exact_dist.logvar)
 
 
 def test_decode_chunks_carry_the_cache(pair):
@@ -138,7 +152,7 @@ def test_reference_causal_conv_cache_equals_one_call(split):
     head = causal_conv3d(x[:, :, :split], w, b, None)
     past = torch.cat((x[:, :, :1].expand(-1, -1, 2, -1, -1), x[:, :, :split]), 2)[:, :, -2:]
     tail = causal_conv3d(x[:, :, split:], w, b, past)
-    assert rel_err(torch.cat((head, tail), 2), whole) < TOL
+    assert rel_l2(torch.cat((head, tail), 2), whole) < TOL
 
 
 def test_norms_and_3d_convs_go_through_the_op_set(pair):

@@ -19,7 +19,8 @@ from cvfast.models.vae_tiling import (Tiling, choose_tiling, free_device_bytes, 
                                       projected_encode_peak_bytes, run_tiled)
 
 diffusers = pytest.importorskip("diffusers")
-from tests.test_vae import _pair, rel_err  # noqa: E402  (the same diffusers/cvfast VAE pair)
+from tests.numerics import rel_l2  # noqa: E402
+from tests.test_vae import vae_pair  # noqa: E402  (the same diffusers/cvfast VAE pair)
 
 TOL = 1e-6
 GiB = 2 ** 30
@@ -29,14 +30,14 @@ GiB = 2 ** 30
 def odd_pair():
     """sample 64x96 (the tiny model's): tiles 32x48 px = 4x6 latents, a grid whose stride and kept size
     disagree (see Tiling.exact_for) — diffusers' own defaults for this config."""
-    return _pair(sample_height=64, sample_width=96)
+    return vae_pair(sample_height=64, sample_width=96)
 
 
 @pytest.fixture(scope="module")
 def exact_pair():
     """sample 96x160: tiles 48x80 px = 6x10 latents, decode stride 5x8 latents = 40x64 px = the kept
     size, as at CogVideoX's real 480x720 (stride 25x36 latents, keep 200x288 px)."""
-    return _pair(sample_height=96, sample_width=160)
+    return vae_pair(sample_height=96, sample_width=160)
 
 
 def _diffusers_tiled(ref, fn):
@@ -131,7 +132,7 @@ def test_tiled_decode_equals_diffusers_on_an_inexact_grid(odd_pair, caplog):
     with caplog.at_level(logging.WARNING, logger="cvfast"):
         got = ours.decode(z, tiling=Tiling.for_vae(ours.config))
     assert got.shape == expected.shape == (1, 3, 16, 78, 125)
-    assert rel_err(got, expected) < TOL
+    assert rel_l2(got, expected) < TOL
     assert "Tiling.exact_for" in caplog.text
 
 
@@ -142,7 +143,7 @@ def test_tiled_encode_equals_diffusers(odd_pair):
     dist = _diffusers_tiled(ref, lambda: ref.encode(x).latent_dist)
     mean, logvar = ours.encode(x, tiling=Tiling.for_vae(ours.config))
     assert mean.shape == dist.mean.shape
-    assert rel_err(mean, dist.mean) < TOL and rel_err(logvar, dist.logvar) < TOL
+    assert rel_l2(mean, dist.mean) < TOL and rel_l2(logvar, dist.logvar) < TOL
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def exact_case(exact_pair):
 
 def test_tiled_decode_equals_diffusers_on_an_exact_grid(exact_case):
     assert exact_case["tiled"].shape == exact_case["untiled"].shape == (1, 3, 9, 104, 168)
-    assert rel_err(exact_case["tiled"], exact_case["diffusers"]) < TOL
+    assert rel_l2(exact_case["tiled"], exact_case["diffusers"]) < TOL
 
 
 # Measured on this random model (torch 2.13, CPU, fp32): tiled vs untiled decode 0.221 relative L2.
@@ -175,7 +176,7 @@ TILED_DECODE_BOUND = 0.25
 def test_tiled_decode_error_is_bounded_and_broken_blends_exceed_it(exact_case, monkeypatch):
     ours, z, tiling = exact_case["ours"], exact_case["z"], exact_case["tiling"]
     untiled = exact_case["untiled"]
-    err = rel_err(exact_case["tiled"], untiled)
+    err = rel_l2(exact_case["tiled"], untiled)
     assert 0.05 < err < TILED_DECODE_BOUND  # > 0.05: tiling really happened
 
     blend = vae_tiling.blend_into
@@ -187,7 +188,7 @@ def test_tiled_decode_error_is_bounded_and_broken_blends_exceed_it(exact_case, m
     }
     for name, fn in variants.items():
         monkeypatch.setattr(vae_tiling, "blend_into", fn)
-        broken = rel_err(ours.decode(z, tiling=tiling), untiled)
+        broken = rel_l2(ours.decode(z, tiling=tiling), untiled)
         assert broken > TILED_DECODE_BOUND * 1.1, (name, broken)
     monkeypatch.setattr(vae_tiling, "blend_into", blend)
 
@@ -202,7 +203,7 @@ def test_tiled_decode_error_is_bounded_and_broken_blends_exceed_it(exact_case, m
             return torch.zeros_like(y) if len(seen) == 5 else y  # the middle tile
         run(x, grid, tile_fn, out)
     monkeypatch.setattr(vae_mod, "run_tiled", drop_one_tile)
-    assert rel_err(ours.decode(z, tiling=tiling), untiled) > TILED_DECODE_BOUND * 1.5
+    assert rel_l2(ours.decode(z, tiling=tiling), untiled) > TILED_DECODE_BOUND * 1.5
 
 
 def test_tiled_encode_error(exact_pair):
@@ -215,7 +216,7 @@ def test_tiled_encode_error(exact_pair):
     x = torch.rand(1, 3, 9, 104, 168, generator=torch.Generator().manual_seed(2)) * 2 - 1
     tiled, _ = ours.encode(x, tiling=Tiling.for_vae(ours.config))
     untiled, _ = ours.encode(x)
-    assert 0.05 < rel_err(tiled, untiled) < 1.0
+    assert 0.05 < rel_l2(tiled, untiled) < 1.0
 
 
 def test_no_tiling_when_one_tile_covers_the_input(exact_pair):
@@ -240,9 +241,9 @@ def test_frame_batch_is_diffusers_frame_batch(odd_pair):
     finally:
         ref.num_latent_frames_batch_size, ref.num_sample_frames_batch_size = 2, 8
     got = ours.decode(z, frame_batch=1)
-    assert got.shape[2] == 3 and rel_err(got, expected) < TOL
+    assert got.shape[2] == 3 and rel_l2(got, expected) < TOL
     mean, logvar = ours.encode(x, frame_batch=4)
-    assert rel_err(mean, dist.mean) < TOL and rel_err(logvar, dist.logvar) < TOL
+    assert rel_l2(mean, dist.mean) < TOL and rel_l2(logvar, dist.logvar) < TOL
     for bad in (0, 1.5):
         with pytest.raises(ValueError):
             ours.decode(z, frame_batch=bad)
@@ -258,13 +259,13 @@ def test_sample_batch_equals_one_call(exact_pair):
     z = torch.randn(3, 4, 3, 5, 6, generator=torch.Generator().manual_seed(3))
     whole = ours.decode(z, sample_batch=3)
     for s in (1, 2):
-        assert rel_err(ours.decode(z, sample_batch=s), whole) < 1e-5
+        assert rel_l2(ours.decode(z, sample_batch=s), whole) < 1e-5
     x = torch.rand(3, 3, 9, 16, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    assert rel_err(ours.encode(x, sample_batch=2)[0], ours.encode(x, sample_batch=3)[0]) < 1e-5
+    assert rel_l2(ours.encode(x, sample_batch=2)[0], ours.encode(x, sample_batch=3)[0]) < 1e-5
     tiling = Tiling(24, 24)  # 3x3-latent tiles striding 2 over 5x6: 3 x 3 tiles
     zt = z[:2]
     one_by_one = ours.decode(zt, tiling=tiling, sample_batch=1)
-    assert rel_err(one_by_one, ours.decode(zt, tiling=tiling, sample_batch=2)) < 1e-5
+    assert rel_l2(one_by_one, ours.decode(zt, tiling=tiling, sample_batch=2)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
