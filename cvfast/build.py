@@ -33,11 +33,8 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
         load_into(transformer, checkpoint.transformer_tensors(), "transformer", dtype, home)
     load_into(vae, checkpoint.vae_tensors(), "vae", dtype, home)
     text_encoder = checkpoint.text_encoder(home, dtype)
-    loras = LoRAs(transformer) if transformer is not None else None
-    components = Components(name=checkpoint.name, transformer=engine or transformer.eval(), vae=vae.eval(),
-                            text_encoder=text_encoder, scheduler=checkpoint.scheduler, ops=ops,
-                            defaults=checkpoint.defaults, loras=loras)
-    layers = checkpoint.lora() if checkpoint.lora is not None and loras is not None else None
-    if layers is not None:
+    loras = None if engine is not None else LoRAs(transformer)  # no LoRA reaches an engine's weights
+    if loras is not None and checkpoint.lora is not None and (layers := checkpoint.lora()) is not None:
         loras.merge(layers, 1.0, checkpoint.lora_source)
-    return Pipeline(components, runtime)
+    return Pipeline(Components(checkpoint.name, engine or transformer.eval(), vae.eval(), text_encoder,
+                               checkpoint.scheduler, ops, checkpoint.defaults, loras), runtime)

@@ -184,7 +184,7 @@ def test_second_shape_is_captured_separately():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensorrt_engine_generates_like_the_reference(tmp_path, dtype):
     pytest.importorskip("tensorrt", reason="the tensorrt package is not installed")
-    from cvfast.export.tensorrt_engine import build_engines
+    from cvfast.export import build_engines
     from tests.fixtures import tiny_folder
     folder = tiny_folder("5b")
     kw = dict(num_frames=9, height=64, width=96, num_inference_steps=4, seed=0, progress=False, output_type="pt",
@@ -264,7 +264,7 @@ def test_triton_causal_conv3d_at_decoder_sizes(c_in, c_out, frames, height, widt
 def test_fast_vae_decode_with_tiling_and_frame_batches():
     """fp32: the tiny model's VAE decode through the Triton kernels equals the reference decode, with
     spatial tiling (a latent 1.5 tiles wide) and several frame chunks (5 latent frames)."""
-    from cvfast.models.vae import Tiling
+    from cvfast.models.vae_tiling import Tiling
     videos = {}
     for backend in ("reference", "triton"):
         pipe = cvfast.load("tiny", device="cuda", dtype=torch.float32, backend=backend)

@@ -1,4 +1,4 @@
-"""Parallel generation (`cvfast.parallel`) on CPU processes over gloo, against the single process.
+"""Parallel generation (`cvfast.runtime.parallel`) on CPU processes over gloo, against the single process.
 
 Each spawned job runs several cases in a row (process start-up and imports dominate on a 2-core
 machine). The bar: frames within 1e-5 relative L2 of the single-process frames in fp32, for cfg=2,

@@ -24,6 +24,19 @@ def fails_fast(pipe, match, **kwargs):
     assert calls == []
 
 
+def test_request_checks_generate_arguments_alone(pipe):
+    """pipe.request(...): generate()'s checks and defaults, with the same error, and no work done."""
+    pipe.text_encoder.encode = lambda *a, **k: pytest.fail("text encoded")
+    try:
+        req = pipe.request("a cat", guidance_scale=1.0)
+        with pytest.raises(CVFastInputError, match="num_frames=10 is not accepted"):
+            pipe.request("a cat", num_frames=10)
+    finally:
+        del pipe.text_encoder.encode
+    assert (req.num_frames, req.height, req.width, req.steps, req.mode) == (9, 64, 96, 50, "t2v")
+    assert req.text.prompts == ["a cat"] and req.guidance == 1.0 and req.output_type == "np"
+
+
 @pytest.mark.parametrize("frames", [0, 4, 6, 13, 48])
 def test_frame_count(pipe, frames):
     fails_fast(pipe, r"num_frames=\d+ .*divisible by 8" if frames else "num_frames=0", num_frames=frames)

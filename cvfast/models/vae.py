@@ -345,7 +345,7 @@ class CogVideoXVAE(nn.Module):
         optionally split into spatial tiles, each tile (or the whole frame) processed frame chunk by
         frame chunk with its own conv cache. The output is allocated once, at its final size.
         `tiles`: what runs and assembles the tiles, `run_tiled`'s contract (default `run_tiled`;
-        `cvfast.parallel.decode` spreads them over ranks)."""
+        `cvfast.runtime.parallel.decode` spreads them over ranks)."""
         for name, value in (("frame_batch", frame_batch), ("sample_batch", sample_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive int")

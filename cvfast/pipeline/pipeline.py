@@ -94,10 +94,10 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def request(self, **arguments) -> Request:
+    def request(self, prompt=None, **arguments) -> Request:
         """The validated Request of a generate() call with these arguments (generate()'s names and
         defaults), without running it; CVFastInputError names the first argument it cannot take."""
-        return validate(self.components, self.runtime, **arguments)
+        return validate(self.components, self.runtime, prompt=prompt, **arguments)
 
     def encode_prompts(self, text: Text) -> torch.Tensor:
         """Text embeddings for the batch: (2B, L, D) [negative; positive] with CFG, else (B, L, D).
@@ -230,7 +230,7 @@ class Pipeline:
         (load(parallel=...)) every rank calls it with the same arguments; rank 0's seed or generator state is every rank's, rank 0
         alone shows progress, runs `callback` and returns the result, the other ranks return None.
         """
-        req = self.request(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+        req = self.request(prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, image=image,
                            image_noise_sigma=image_noise_sigma, video=video, strength=strength,
                            num_frames=num_frames, height=height, width=width,

@@ -39,7 +39,7 @@ def parse(value) -> ParallelConfig | None:
     elif isinstance(value, str):
         config = ParallelConfig(**_parse_items(value))
     else:
-        raise bad_arg("parallel", value, f"None, a cvfast.parallel.ParallelConfig or a string {FORMAT}")
+        raise bad_arg("parallel", value, f"None, a cvfast.ParallelConfig or a string {FORMAT}")
     for key in KEYS:
         degree = getattr(config, key)
         if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
