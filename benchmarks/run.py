@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/latest-<suite>.json)")
     p.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
                    help="e2e only, under torchrun: the first backend on one rank and on the whole job")
+    p.add_argument("--cache", default=None, metavar="SPEC",
+                   help="default/e2e: also the first backend's loop with this step cache (e.g. teacache:0.2)")
     args = p.parse_args(argv)
     for name in ("frames", "height", "width", "steps"):
         value = getattr(args, name)
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--backends: {bad} not among {BACKEND_CHOICES}")
     if args.parallel is not None and (args.suite != "e2e" or args.baseline is not None):
         p.error("--parallel: only with --suite e2e and without --baseline")
+    if args.cache is not None and (args.suite not in ("default", "e2e") or args.parallel is not None):
+        p.error("--cache: only with --suite e2e or default, without --parallel")
     return args
 
 
@@ -96,7 +100,7 @@ def run_suite(args: argparse.Namespace, device: torch.device) -> tuple[list[Row]
     elif args.suite in ("default", "e2e"):
         from benchmarks.suite_e2e import run_e2e
         rows += run_e2e(args.model, device, args.dtype, frames=args.frames, height=args.height, width=args.width,
-                        steps=args.steps, backends=args.backends, baseline=args.baseline)
+                        steps=args.steps, backends=args.backends, baseline=args.baseline, cache=args.cache)
     return rows, {}, ceil
 
 

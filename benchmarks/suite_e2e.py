@@ -4,7 +4,12 @@ the same weights, in the same run, so that every speed-up is a ratio measured si
 
 With --parallel (under torchrun: `torchrun --nproc-per-node N benchmarks/run.py --suite e2e
 --parallel cfg=2,...`) rank 0 first measures the stages on one rank while the others wait, then
-every rank measures them in parallel; the parallel rows carry the speed-up over one rank."""
+every rank measures them in parallel; the parallel rows carry the speed-up over one rank.
+
+With --cache SPEC (e.g. teacache:0.2) the first backend's loop is measured again with that step cache
+in the same run (both loops three times, so that the ratio is not one run's noise); its row carries
+the computed and skipped steps, the speed-up over the uncached loop and the distance of its latents
+from the uncached ones."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +38,7 @@ def _stages_cvfast(pipe, size: dict, steps: int, seed: int):
     return dict(text_encoding=text,
                 one_step=lambda: pipe.generate(num_inference_steps=1, **kw),
                 loop=lambda: _frames(pipe.generate(num_inference_steps=steps, **kw)),
+                cached_loop=lambda cache: pipe.generate(num_inference_steps=steps, cache=cache, **kw),
                 decode=lambda: pipe.decode(latents))
 
 
@@ -67,16 +73,17 @@ def _stages_diffusers(pipe, size: dict, steps: int, seed: int, max_len: int, dev
                 decode=decode)
 
 
-def _measure(stages: dict, label: str, backend: str, device, iters: int, case_size: str) -> tuple[list[Row], object]:
+def _measure(stages: dict, label: str, backend: str, device, iters: int, case_size: str,
+             loop_iters: int = 1) -> tuple[list[Row], object]:
     """One row per stage; a stage that fails (e.g. out of memory) becomes an error row and the
     others are still measured."""
     rows, final = [], None
     for stage in STAGES:
         fn, holder = stages[stage], {}
         try:
-            if stage == "loop":  # long: once, after the one-step runs warmed everything up
+            if stage == "loop":  # long: `loop_iters` times, after the one-step runs warmed everything up
                 row = measured_row("e2e", f"{label} {stage}", backend, lambda: holder.update(out=fn()), device,
-                                   warmup=0, iters=1, size=case_size)
+                                   warmup=0, iters=loop_iters, size=case_size)
                 final = holder["out"]
             else:
                 row = measured_row("e2e", f"{label} {stage}", backend, fn, device, warmup=1, iters=iters,
@@ -93,15 +100,20 @@ def _measure(stages: dict, label: str, backend: str, device, iters: int, case_si
 
 
 def run_e2e(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,
-            steps: int, backends: list[str], baseline: str | None, iters: int = 3, seed: int = 0) -> list[Row]:
+            steps: int, backends: list[str], baseline: str | None, iters: int = 3, seed: int = 0,
+            cache: str | None = None) -> list[Row]:
     size = dict(num_frames=frames, height=height, width=width)
     case_size = f"{frames}x{height}x{width}, {steps} steps, CFG"
     rows, finals, pipe = [], {}, None
     for backend in backends:
         pipe = build(model, device, dtype, backend)
-        measured, finals[backend] = _measure(_stages_cvfast(pipe, size, steps, seed), model, backend, device, iters,
-                                             case_size)
+        stages = _stages_cvfast(pipe, size, steps, seed)
+        measured, finals[backend] = _measure(stages, model, backend, device, iters, case_size,
+                                             loop_iters=3 if cache and backend == backends[0] else 1)
         rows += measured
+        if cache and backend == backends[0]:
+            row, finals[f"{backend} ({cache})"] = _cached_loop(pipe, stages, cache, model, backend, device, case_size)
+            rows.append(row)
         if backend != backends[-1]:
             del pipe
             if device.type == "cuda":
@@ -118,6 +130,22 @@ def run_e2e(model: str, device: torch.device, dtype: torch.dtype, *, frames: int
             rows += measured
     _add_ratios(rows, finals)
     return rows
+
+
+def _cached_loop(pipe, stages: dict, cache: str, label: str, backend: str, device, case_size: str):
+    """The loop stage again with the step cache `cache`: its row (computed and skipped steps in extra)
+    and final latents."""
+    holder = {}
+
+    def loop():
+        result = stages["cached_loop"](cache)
+        holder.update(out=_frames(result), cache=result.cache if result is not None else None)
+    row = measured_row("e2e", f"{label} loop", f"{backend} ({cache})", loop, device, warmup=0, iters=3,
+                       size=case_size)
+    report = holder.get("cache") or {}
+    row.extra.update(computed_steps=report.get("computed_steps"), skipped_steps=report.get("skipped_steps"),
+                     cache_bytes=report.get("bytes"))
+    return row, holder.get("out")
 
 
 def run_e2e_parallel(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,

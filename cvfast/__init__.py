@@ -9,10 +9,11 @@ from .core.errors import (CVFastError, CVFastInputError, EngineMismatchError, Lo
 from .export import export_onnx
 from .pipeline import GenerationResult, Pipeline
 from .runtime.parallel import ParallelConfig
+from .sampler.cache import FirstBlockCache, MagCache, TeaCache
 from .video import save_video
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "save_video", "export_onnx", "convert_sat", "Pipeline", "GenerationResult",
-           "ParallelConfig", "CVFastError", "CVFastInputError", "WeightError", "LoRAError", "UnsafePickleError",
-           "EngineMismatchError", "NumericsError", "NonFiniteLatentsError", "ONNXExportError", "ONNXCheckError",
+           "ParallelConfig", "TeaCache", "FirstBlockCache", "MagCache", "CVFastError", "CVFastInputError", "WeightError",
+           "LoRAError", "UnsafePickleError", "EngineMismatchError", "NumericsError", "NonFiniteLatentsError", "ONNXExportError", "ONNXCheckError",
            "RankFailedError", "__version__"]

@@ -13,13 +13,14 @@ from .pipeline import GenerationResult, Pipeline
 from .runtime import Offload, Runtime
 from .runtime import parallel as par
 from .runtime.tensorrt import TensorRTTransformer, check_model, read_spec, require_tensorrt
+from .sampler import cache as step_cache
 from .sampler import graph
 from .video import save_video
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
-         parallel=None, engine=None) -> Pipeline:
+         parallel=None, engine=None, cache=None) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -38,6 +39,7 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     backend="tensorrt" with engine=PATH (from `cvfast export tensorrt`): the denoiser runs from that
     engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
     loaded. An engine built for another model, size or precision is refused, naming which.
+    cache: generate()'s default step cache (None: none; see `Pipeline.generate`), checked here.
     """
     config = par.parse(parallel)
     if config is not None:
@@ -47,6 +49,9 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     if backend == "tensorrt" or engine is not None:
         if config is not None:
             raise bad_arg("parallel", parallel, "None with backend='tensorrt' (an engine runs on one GPU)")
+        if cache is not None:
+            raise bad_arg("cache", cache, "None with backend='tensorrt': the engine runs the whole transformer and "
+                          "does not expose its blocks' residual")
         return load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
     dev = par.rank_device(dev) if config is not None else dev
     dt = resolve_dtype(dtype, dev)
@@ -59,9 +64,10 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         check_fp16(dt, cfg.variant, allow_fp16 or str(model) == "tiny")
         if config is not None:
             par.check_model(config, cfg)
+        step_cache.parse(cache, cfg.variant)
     checkpoint = open_checkpoint(model, check, base=base, trust_pickle=trust_pickle)
     context = par.ParallelContext(config, dev) if config is not None else None
-    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context), ops)
+    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache), ops)
 
 
 def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, offload: str, cuda_graph,

@@ -17,6 +17,7 @@ from benchmarks import run  # noqa: E402
     (["--backends", "reference,warp"], "warp"),
     (["--model", "7b"], "invalid choice"),
     (["--suite", "ops", "--parallel", "cfg=2"], "--parallel: only with --suite e2e"),
+    (["--suite", "roofline", "--cache", "teacache"], "--cache: only with --suite e2e"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -52,6 +53,18 @@ def test_e2e_with_diffusers_baseline_measures_both_with_ratios(tmp_path):
         assert ours["extra"]["speedup_vs_diffusers"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
     # Same weights and seed: diffusers' latents are cvfast's to fp32 rounding.
     assert rows[("tiny loop", "diffusers")]["extra"]["latents_rel_l2_vs_auto"] < 1e-5
+
+
+def test_e2e_with_a_cache_measures_the_cached_loop_beside_the_uncached_one(tmp_path):
+    record = load(run.main(["--suite", "e2e", "--cache", "teacache", "--steps", "6", "--backends", "auto",
+                            "--json", str(tmp_path / "c.json")]))
+    rows = {(r["case"], r["backend"]): r for r in record["rows"]}
+    cached, uncached = rows[("tiny loop", "auto (teacache)")], rows[("tiny loop", "auto")]
+    # The tiny model's TeaCache preset skips every step between the first and the last one.
+    assert cached["extra"]["computed_steps"] == [0, 5] and cached["extra"]["skipped_steps"] == [1, 2, 3, 4]
+    assert cached["extra"]["speedup_vs_auto"] == pytest.approx(uncached["median_ms"] / cached["median_ms"])
+    assert cached["extra"]["iters"] == uncached["extra"]["iters"] == 3
+    assert 0 < cached["extra"]["latents_rel_l2_vs_auto"] < 1
 
 
 def test_e2e_parallel_under_torchrun_reports_the_speedup_over_one_rank(tmp_path):

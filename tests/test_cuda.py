@@ -153,7 +153,7 @@ def test_graph_replay_equals_eager_bit_for_bit(dtype):
     for got in graphed:
         assert torch.equal(got, eager)
     (entry,) = pipe.graphs.entries.values()
-    assert entry.graph is not None and entry.uses == 3
+    assert set(entry.graphs) == {"step"} and entry.uses == 3
 
 
 def test_graph_replay_equals_eager_with_dpm_and_dynamic_cfg():
@@ -170,13 +170,29 @@ def test_second_shape_is_captured_separately():
     small, large = {"num_frames": 9, "height": 64, "width": 96}, {"num_frames": 17, "height": 96, "width": 128}
     eager_small, graphed_small = graphed_calls(pipe, **small)
     eager_large, graphed_large = graphed_calls(pipe, **large)
-    assert len(pipe.graphs.entries) == 2 and all(e.graph is not None for e in pipe.graphs.entries.values())
+    assert len(pipe.graphs.entries) == 2 and all(set(e.graphs) == {"step"} for e in pipe.graphs.entries.values())
     assert pipe.graphs.held_bytes() > 0
     # Both graphs share the device's pool; replaying one must not disturb the other.
     again_small = pipe.generate("a red boat", num_inference_steps=4, seed=0, progress=False, output_type="latent",
                                 **small).frames
     assert all(torch.equal(g, eager_small) for g in graphed_small + [again_small])
     assert all(torch.equal(g, eager_large) for g in graphed_large)
+
+
+@pytest.mark.parametrize("cache,parts", [("teacache", {"compute", "reuse"}),
+                                         ("fbcache:0.3", {"first-block", "compute", "reuse"})])
+def test_cached_step_variants_replayed_from_graphs_equal_eager(cache, parts):
+    """Each step-cache variant is captured on its own; the replays equal the eager cached run bit for
+    bit, with the same steps computed (FirstBlockCache reads its decision between two graphs)."""
+    pipe = cvfast.load("tiny", device="cuda", dtype=torch.float32)
+    kw = dict(num_inference_steps=10, seed=0, progress=False, output_type="latent", cache=cache)
+    eager = pipe.generate("a red boat", cuda_graph=False, **kw)
+    assert eager.cache["skipped_steps"]
+    for _ in range(3):
+        got = pipe.generate("a red boat", cuda_graph=True, **kw)
+        assert torch.equal(got.frames, eager.frames) and got.cache == eager.cache
+    (entry,) = pipe.graphs.entries.values()
+    assert set(entry.graphs) == parts
 
 
 # -- TensorRT engines (need the tensorrt package as well) -----------------------------------------

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cvfast
-from cvfast import CVFastInputError, RankFailedError
+from cvfast import CVFastInputError, FirstBlockCache, MagCache, RankFailedError, TeaCache
 from cvfast.models.config import VAEConfig
 from cvfast.models.vae import CogVideoXVAE
 from cvfast.models.vae_tiling import Tiling
@@ -109,16 +109,16 @@ class FramesJob:
 
     def __call__(self, rank: int, out: Path) -> None:
         for i, case in enumerate(self.cases):
-            split = None
+            split = cache = None
             if "vae" in case:
                 got = _parallel_decode(case)
             else:
                 pipe = _load(case)
                 result = pipe.generate(**_generate_kwargs(case))
-                got = None if result is None else torch.from_numpy(result.frames)
+                got, cache = (None, None) if result is None else (torch.from_numpy(result.frames), result.cache)
                 sequence = pipe.transformer.sequence_parallel
                 split = sequence.split.sizes if sequence is not None else None
-            torch.save(dict(got=got, split=split), out / f"{i}-{rank}.pt")
+            torch.save(dict(got=got, split=split, cache=cache), out / f"{i}-{rank}.pt")
 
 
 def _parallel_decode(case: dict):
@@ -129,8 +129,8 @@ def _parallel_decode(case: dict):
     return decode.decode(vae, torch.load(case["latents"]), case["vae_tiling"], dist.get_rank(), dist.get_world_size())
 
 
-def single_process_frames(case: dict) -> np.ndarray:
-    return _load(case | {"parallel": None}).generate(**_generate_kwargs(case)).frames
+def single_process(case: dict):
+    return _load(case | {"parallel": None}).generate(**_generate_kwargs(case))
 
 
 def check_frames_job(cases: list[dict], world: int, tmp_path: Path) -> list[float]:
@@ -146,8 +146,12 @@ def check_frames_job(cases: list[dict], world: int, tmp_path: Path) -> list[floa
         if "vae" in case:
             errors.append(check_decode(case, got))
             continue
-        expected = single_process_frames(case)
+        one = single_process(case)
+        expected = one.frames
         assert got.shape == expected.shape and np.isfinite(expected).all() and expected.std() > 1e-3
+        if one.cache is not None:  # the same steps computed; a rank's cache holds its share of the rows
+            assert saved[0]["cache"]["computed_steps"] == one.cache["computed_steps"], case
+            assert 0 < len(one.cache["skipped_steps"]) and saved[0]["cache"]["bytes"] < one.cache["bytes"]
         errors.append(rel_l2(got.numpy(), expected))
         assert errors[-1] <= 1e-5, (case["parallel"], case["folder"].name, errors[-1])
     print("relative L2 per case:", errors)
@@ -200,6 +204,12 @@ def test_two_ranks_cfg_and_ulysses_equal_one_process(tmp_path):
         dict(folder=tiny_folder("5b-i2v", "dpm"), parallel="ulysses=2", split=(36, 36), image=True,
              kwargs=dict(num_frames=9, height=64, width=96, vae_tiling=False)),
         dict(folder=tiny_folder("1.5-i2v"), parallel="cfg=2", image=True, kwargs=dict(vae_tiling=False)),
+        # step caches: FirstBlockCache combines the CFG halves' sums before deciding; TeaCache's
+        # schedule is the same on every rank
+        dict(folder=tiny_folder("5b", "dpm"), parallel="cfg=2",
+             kwargs=dict(num_inference_steps=6, cache=FirstBlockCache(1.2), vae_tiling=False)),
+        dict(folder=five_b, parallel="ulysses=2", split=(23, 22),
+             kwargs=dict(num_inference_steps=6, cache=TeaCache(2.0, (0.0, 0.0, 0.0, 1.0, 0.0)), vae_tiling=False)),
         decode_case(tmp_path, True),   # 9 tiles over 2 ranks
     ]
     check_frames_job(cases, 2, tmp_path)
@@ -215,6 +225,12 @@ def test_four_ranks_ulysses_and_cfg_with_ulysses_equal_one_process(tmp_path):
              kwargs=dict(num_frames=17, use_dynamic_cfg=True, vae_tiling="auto")),
         dict(folder=tiny_folder("1.5-i2v"), parallel="cfg=2,ulysses=2", split=(15, 15), image=True,
              kwargs=dict(vae_tiling=False)),
+        # FirstBlockCache's decision from sums over both groups; MagCache's schedule on every rank
+        dict(folder=five_b, parallel="cfg=2,ulysses=2", split=(38, 37),   # 17 frames: 75 tokens
+             kwargs=dict(num_frames=17, num_inference_steps=6, cache=FirstBlockCache(1.2), vae_tiling=False)),
+        dict(folder=five_b, parallel="ulysses=4", split=(12, 11, 11, 11),
+             kwargs=dict(num_inference_steps=6, cache=MagCache(0.3, ratios=[1.0, 0.9, 1.1, 1.0, 0.8, 1.2],
+                                                               max_skip_steps=2), vae_tiling=False)),
         decode_case(tmp_path, "auto"),   # 9 tiles over 4 ranks
     ]
     check_frames_job(cases, 4, tmp_path)

@@ -63,6 +63,8 @@ def test_an_engine_for_another_size_or_batch_is_refused_before_any_work(pipe):
     with_engine.encode_prompts = lambda *args: pytest.fail("work started")
     with pytest.raises(EngineMismatchError, match="built for 9 frames at 64x96"):
         with_engine.generate("a cat", num_frames=9, height=32, width=48, progress=False)
+    with pytest.raises(CVFastInputError, match="cache='teacache' is not accepted: None with backend='tensorrt'"):
+        with_engine.generate("a cat", num_frames=9, height=64, width=96, progress=False, cache="teacache")
 
 
 def test_load_arguments_for_an_engine(pipe, tmp_path):
@@ -71,6 +73,8 @@ def test_load_arguments_for_an_engine(pipe, tmp_path):
     plan = fake_engine(tmp_path, engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15"))
     with pytest.raises(CVFastInputError, match="engine=.* needs backend='tensorrt'"):
         cvfast.load("tiny", engine=plan)
+    with pytest.raises(CVFastInputError, match="cache='fbcache' is not accepted: None with backend='tensorrt'"):
+        cvfast.load("tiny", backend="tensorrt", engine=plan, cache="fbcache")
     with pytest.raises(CVFastInputError, match="an existing engine file"):
         cvfast.load("tiny", backend="tensorrt", engine=tmp_path / "missing.plan")
     plan.with_name(plan.name + ".json").unlink()

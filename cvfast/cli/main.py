@@ -7,11 +7,15 @@ import logging
 import numpy as np
 import torch.distributed as dist
 
-from ..api import generate
+from ..api import generate, load
 from ..checkpoints.convert import convert_sat
 from ..core.errors import CVFastInputError
 from . import export
 from .report import run
+
+# The calibration run's prompt when none is given: the ratios describe the model and the scheduler far
+# more than the prompt (MagCache calibrates once per model).
+CALIBRATION_PROMPT = "a red panda eating bamboo in a misty forest, slow camera pan"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +24,26 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video from a prompt")
     gen.add_argument("--model", default="tiny", help="model folder, hub id, or 'tiny' (default)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", default="video.mp4", help="output .mp4 path")
+    gen.add_argument("--cache", default=None, metavar="SPEC",
+                     help="step cache: teacache[:T], fbcache[:T] or magcache:T:RATIOS.json (see calibrate-cache)")
+    _add_run_arguments(gen)
+    calibrate = sub.add_parser("calibrate-cache", help="measure a model's MagCache ratios (one uncached generation)")
+    calibrate.add_argument("model", help="model folder, hub id, or 'tiny'")
+    calibrate.add_argument("--out", required=True, help="the ratios JSON to write (for --cache magcache:T:FILE)")
+    calibrate.add_argument("--prompt", default=CALIBRATION_PROMPT, help="the prompt of the calibration run")
+    _add_run_arguments(calibrate)
+    convert = sub.add_parser("convert-sat", help="write a SAT checkpoint directory as a diffusers-layout folder")
+    convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
+    convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
+    _add_sat_arguments(convert)
+    export.add_parser(sub)
+    return parser
+
+
+def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
+    """How to load the model and what to generate: the arguments generate and calibrate-cache share."""
+    gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
@@ -53,12 +75,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="spread one video over the ranks of a torchrun job (torchrun --nproc-per-node C*U -m "
                           "cvfast generate ...): CFG branches on C in {1, 2} ranks, video tokens over U ranks")
     _add_sat_arguments(gen)
-    convert = sub.add_parser("convert-sat", help="write a SAT checkpoint directory as a diffusers-layout folder")
-    convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
-    convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
-    _add_sat_arguments(convert)
-    export.add_parser(sub)
-    return parser
 
 
 def _add_sat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,30 +124,50 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def load_arguments(args) -> dict:
+    """The flags that say how to load the model, as load() arguments."""
+    return dict(device=args.device, dtype=args.dtype, backend=args.backend, allow_fp16=args.allow_fp16,
+                offload=args.offload, base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
+                parallel=args.parallel)
+
+
+def generate_arguments(args) -> dict:
+    """The flags that say what to generate, as Pipeline.generate() arguments."""
+    return dict(**_read_inputs(args), negative_prompt=args.negative_prompt, num_frames=args.frames,
+                height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
+                vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
+                cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
+
+
 def run_generate(args) -> int:
-    result = generate(args.prompt, model=args.model, out=args.out, device=args.device, dtype=args.dtype,
-                      backend=args.backend, allow_fp16=args.allow_fp16, offload=args.offload,
-                      base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
-                      loras=[(path, args.lora_scale) for path in args.lora],
-                      vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
-                      cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                      **_read_inputs(args), negative_prompt=args.negative_prompt,
-                      num_frames=args.frames, height=args.height, width=args.width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
-                      parallel=args.parallel)
+    result = generate(args.prompt, model=args.model, out=args.out, loras=[(path, args.lora_scale) for path in args.lora],
+                      cache=args.cache, **load_arguments(args), **generate_arguments(args))
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
     if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
         return 0
     print(f"wrote {args.out} (seed {result.seed})")
     print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in result.timings.items()))
+    if result.cache is not None:
+        print(f"{result.cache['policy']}: {len(result.cache['computed_steps'])} of "
+              f"{len(result.cache['computed_steps']) + len(result.cache['skipped_steps'])} steps computed")
     if result.peak_memory_gib:
         print("peak GPU memory: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} GiB"
                                               for k, v in result.peak_memory_gib.items()))
     return 0
 
 
-COMMANDS = {"generate": run_generate, "convert-sat": run_convert_sat, "export": export.run}
+def run_calibrate(args) -> int:
+    pipe = load(args.model, **load_arguments(args))
+    for path in args.lora:
+        pipe.load_lora(path, args.lora_scale, trust_pickle=args.trust_pickle)
+    ratios = pipe.calibrate_cache(args.prompt, out=args.out, **generate_arguments(args))
+    print(f"wrote {args.out} ({len(ratios)} step ratios; use --cache magcache:0.06:{args.out})")
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "calibrate-cache": run_calibrate, "convert-sat": run_convert_sat,
+            "export": export.run}
 
 
 def main(argv: list[str] | None = None) -> int:

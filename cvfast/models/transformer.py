@@ -143,18 +143,16 @@ class CogVideoXTransformer(nn.Module):
         x = tokens.reshape(b, f // pt, h // p, w // p, -1, pt, p, p)
         return x.permute(0, 1, 5, 4, 2, 6, 3, 7).reshape(b, f, -1, h, w)
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, tables: dict,
-                ofs: torch.Tensor | None = None) -> torch.Tensor:
-        """latents: (B, F, C_in, H, W) latent frames; text: (B, L, text_dim) T5 embeddings;
-        timestep: (B,); tables: from `position_tables`; ofs: (B,) for 1.5-I2V.
-        Returns the model output (v-prediction for CogVideoX) as (B, F, C_out, H, W)."""
+    def conditioning(self, timestep: torch.Tensor, dtype: torch.dtype, ofs: torch.Tensor | None = None) -> torch.Tensor:
+        """timestep: (B,) (and ofs (B,) for 1.5-I2V) -> the conditioning vector (B, time_embed_dim) in dtype."""
+        temb = self.time_embed(timestep, dtype)
+        return temb + self.ofs_embed(ofs, dtype) if self.ofs_embed is not None else temb
+
+    def tokens(self, latents: torch.Tensor, text: torch.Tensor, tables: dict) -> torch.Tensor:
+        """latents (B, F, C_in, H, W), text (B, L, text_dim) -> the joint stream (B, L + video rows, D),
+        text rows first, absolute positions added where the variant has them (video rows: this rank's
+        share under sequence parallelism)."""
         cfg = self.cfg
-        b, f, _, h, w = latents.shape
-        # 1. Conditioning vector from the timestep (and ofs).
-        temb = self.time_embed(timestep, latents.dtype)
-        if self.ofs_embed is not None:
-            temb = temb + self.ofs_embed(ofs, latents.dtype)
-        # 2. Tokens: projected text and video patches, plus absolute positions where the variant has them.
         text_tok = self.text_proj(text)
         video_tok = self.patch_proj(self._patchify(latents))
         if cfg.use_learned_positional_embeddings:
@@ -163,20 +161,61 @@ class CogVideoXTransformer(nn.Module):
             video_tok = video_tok + pos[:, cfg.max_text_seq_length:]
         elif "sincos" in tables:
             video_tok = video_tok + tables["sincos"]
-        sequence = self.sequence_parallel
-        if sequence is not None:
-            video_tok = sequence.scatter(video_tok)
-        # 3. The blocks, over one joint residual stream, text rows first.
-        n_text = text_tok.shape[1]
-        stream, pending = torch.cat((text_tok, video_tok), dim=1), None
+        if self.sequence_parallel is not None:
+            video_tok = self.sequence_parallel.scatter(video_tok)
+        return torch.cat((text_tok, video_tok), dim=1)
+
+    def run_blocks(self, stream: torch.Tensor, pending, temb: torch.Tensor, tables: dict, n_text: int,
+                   start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Blocks start..stop - 1 (default all) over the joint stream; `pending` as `Block.forward` takes
+        and returns it (the last block's feed-forward not yet added: `settle` adds it)."""
         rope = tables.get("rope")
-        for block in self.blocks:
+        for block in self.blocks[start:stop]:
             stream, pending = block(stream, pending, temb, rope, n_text)
-        video_tok = self.ops.gated_residual(stream, *pending, n_text)[:, n_text:]
-        # 4. Final norm, output modulation (shift first, then scale), projection back to patches.
-        video_tok = self.ops.layer_norm(video_tok, self.norm_final.weight, self.norm_final.bias, cfg.norm_eps)
-        shift, scale = self.out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=2)
+        return stream, pending
+
+    def settle(self, stream: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor], n_text: int) -> torch.Tensor:
+        """The stream with the pending feed-forward added: the blocks' output."""
+        return self.ops.gated_residual(stream, *pending, n_text)
+
+    def head(self, stream: torch.Tensor, temb: torch.Tensor, n_text: int, latent_shape: torch.Size) -> torch.Tensor:
+        """The blocks' output stream -> the model output (B, F, C_out, H, W) for latents of
+        `latent_shape` (B, F, C_in, H, W): final norm, output modulation, projection, unpatchify."""
+        cfg = self.cfg
+        _, f, _, h, w = latent_shape
+        video_tok = self.ops.layer_norm(stream[:, n_text:], self.norm_final.weight, self.norm_final.bias, cfg.norm_eps)
+        shift, scale = self.out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=2)  # shift first, then scale
         video_tok = self.ops.modulate(video_tok, self.out_norm.weight, self.out_norm.bias, shift, scale, 0,
                                       cfg.norm_eps)
         patches = self.proj_out(video_tok)
+        sequence = self.sequence_parallel
         return self._unpatchify(patches if sequence is None else sequence.gather(patches), f, h, w)
+
+    def stream_shape(self, batch: int, latent: tuple[int, int, int], text_len: int) -> tuple[int, int, int]:
+        """(batch, rows, D) of the joint stream for latents of (frames, h, w): the text rows and the
+        video patches (this rank's share under sequence parallelism)."""
+        f, h, w = latent
+        p = self.cfg.patch_size
+        patches = f // self.cfg.temporal_patch * (h // p) * (w // p)
+        if self.sequence_parallel is not None:
+            patches = self.sequence_parallel.rows(patches)
+        return batch, text_len + patches, self.cfg.inner_dim
+
+    def mean_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """mean |x| over the batch and every row of the sequence (every rank's, when it is split)."""
+        return x.abs().mean() if self.sequence_parallel is None else self.sequence_parallel.mean_abs(x)
+
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, tables: dict,
+                ofs: torch.Tensor | None = None) -> torch.Tensor:
+        """latents: (B, F, C_in, H, W) latent frames; text: (B, L, text_dim) T5 embeddings;
+        timestep: (B,); tables: from `position_tables`; ofs: (B,) for 1.5-I2V.
+        Returns the model output (v-prediction for CogVideoX) as (B, F, C_out, H, W)."""
+        # 1. Conditioning vector from the timestep (and ofs).
+        temb = self.conditioning(timestep, latents.dtype, ofs)
+        # 2. Tokens: projected text and video patches, plus absolute positions where the variant has them.
+        stream = self.tokens(latents, text, tables)
+        # 3. The blocks, over one joint residual stream, text rows first.
+        n_text = text.shape[1]
+        stream = self.settle(*self.run_blocks(stream, None, temb, tables, n_text), n_text)
+        # 4. Final norm, output modulation, projection back to patches.
+        return self.head(stream, temb, n_text, latents.shape)

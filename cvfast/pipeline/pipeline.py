@@ -8,18 +8,22 @@ to its decoder.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Callable
 
 import torch
 
-from ..core.errors import CVFastInputError, NonFiniteLatentsError
+from ..core.errors import CVFastInputError, NonFiniteLatentsError, bad_arg
+from ..core.files import check_writable, write_text_atomic
 from ..models.config import TransformerConfig
 from ..models.geometry import latent_shape, padding_frames
 from ..models.vae_tiling import decide
 from ..runtime import Runtime
+from ..sampler import cache as step_cache
 from ..sampler import graph, loop, schedulers
+from ..sampler.static_step import OFS
 from .components import Components
 from .media import to_vae_input
 from .request import Request, Text, validate, validate_text
@@ -173,15 +177,30 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: Request, generator: torch.Generator,
                 callback: Callable | None, progress: bool, cond: torch.Tensor | None = None,
-                graphs: graph.GraphCache | None = None) -> torch.Tensor:
+                graphs: graph.GraphCache | None = None, cache: step_cache.CacheRun | None = None) -> torch.Tensor:
         """latents (B, F, C, h, w) -> denoised latents, same shape and dtype, through `sampler.loop`.
         cond: image latents concatenated on channels at every step (image-to-video); graphs: the
-        CUDA-graph cache to replay the step from (`cvfast/sampler/graph.py`), or None (eager)."""
+        CUDA-graph cache to replay the step from (`cvfast/sampler/graph.py`), or None (eager); cache:
+        a step cache's run (`cvfast/sampler/cache.py`), its schedule set here and its record filled."""
         self._use("transformer")
         plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
+        if cache is not None:
+            cache.schedule = self.cache_schedule(cache.policy, plan, text.shape[0])
         return loop.denoise(self.denoiser, latents, text, cond, plan, req.guidance, req.dynamic_cfg,
                             lambda: self.randn(latents.shape, generator), graphs=graphs, callback=callback,
-                            progress=progress, label=f"{self.name} ({self.config.variant})")
+                            progress=progress, label=f"{self.name} ({self.config.variant})", cache=cache)
+
+    def cache_schedule(self, policy, plan: schedulers.StepPlan, rows: int) -> list[bool] | None:
+        """Whether each step computes, for the policies that know before the loop (None for
+        FirstBlockCache). TeaCache's comes from the conditioning vector each step's batch of `rows`
+        gets, computed as the step computes it."""
+        if isinstance(policy, step_cache.FirstBlockCache):
+            return None
+        if not isinstance(policy, step_cache.TeaCache):
+            return policy.schedule(len(plan.timesteps_host))
+        ofs = torch.full((1,), OFS, device=self.device, dtype=self.dtype) if self.config.ofs_embed_dim else None
+        return policy.schedule([self.transformer.conditioning(plan.timesteps[i:i + 1].expand(rows), self.dtype, ofs)
+                                for i in range(len(plan.timesteps_host))])
 
     def decode(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor | None:
         """(B, F, C, h, w) latents -> (B, 3, frames, H, W) video in [-1, 1] (unclamped), tiled as
@@ -195,6 +214,26 @@ class Pipeline:
         tiling = decide(self.vae.config, vae_tiling, decode=True, batch=batch, frames=frames, height=height,
                         width=width, dtype=self.vae.dtype, device=self.device)
         return self.vae.decode_latents(latents, tiling=tiling)
+
+    def calibrate_cache(self, prompt=None, *, out=None, **arguments) -> list[float]:
+        """MagCache's per-step ratios for this model: one uncached generation (generate()'s arguments;
+        the latents are not decoded) that records at each step the mean ratio of the blocks' video
+        residual norms to the previous step's (diffusers' MagCache calibration). out: also write them
+        as JSON there, for MagCache(ratios=PATH) (command line: --cache magcache:THRESHOLD:PATH)."""
+        if self.parallel is not None:
+            raise bad_arg("parallel", str(self.parallel.config), "a single process for calibrate_cache (each rank "
+                          "holds only a share of the residual)")
+        if "cache" in arguments or "output_type" in arguments:
+            raise bad_arg("cache" if "cache" in arguments else "output_type", "given",
+                          "left out: calibrate_cache runs uncached and keeps the latents")
+        path = check_writable(out) if out is not None else None
+        result = self.generate(prompt, cache=step_cache.Calibration(), output_type="latent", **arguments)
+        ratios = result.cache["ratios"] if result is not None else []
+        if path is not None:
+            write_text_atomic(path, json.dumps({"model": self.name, "variant": self.config.variant,
+                                                "scheduler": self.scheduler.kind, "steps": len(ratios),
+                                                "ratios": ratios}, indent=1) + "\n")
+        return ratios
 
     def graph_cache(self) -> graph.GraphCache:
         """The pipeline's CUDA-graph cache of the sampler step, made on first use."""
@@ -213,7 +252,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
                  vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
                  progress: bool = True, allow_untrained_size: bool = False,
-                 cuda_graph: bool | str | None = None) -> GenerationResult | None:
+                 cuda_graph: bool | str | None = None, cache=None) -> GenerationResult | None:
         """Generate video(s) for `prompt`.
 
         image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
@@ -225,7 +264,11 @@ class Pipeline:
         `callback(step, timestep, latents)` runs after each step; `latents` is the sampler's buffer,
         overwritten by the next step (clone it to keep it). cuda_graph: False, True or "auto"
         (None: the pipeline's, from `load()`); True replays each step from a CUDA graph captured on
-        the second call at a shape (`cvfast/sampler/graph.py`). Bad arguments raise
+        the second call at a shape (`cvfast/sampler/graph.py`). cache: a step cache that skips the
+        transformer's blocks on some steps (None: the pipeline's, from `load()`; False: none; a spec
+        such as "teacache:0.2", "fbcache:0.05", "magcache" with ratios, or a cvfast.TeaCache /
+        FirstBlockCache / MagCache: `cvfast/sampler/cache.py`); result.cache says which steps ran.
+        Bad arguments raise
         `CVFastInputError` before any work starts (`request()` checks them alone). In a parallel job
         (load(parallel=...)) every rank calls it with the same arguments; rank 0's seed or generator state is every rank's, rank 0
         alone shows progress, runs `callback` and returns the result, the other ranks return None.
@@ -238,7 +281,7 @@ class Pipeline:
                            use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
                            max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
                            output_type=output_type, allow_untrained_size=allow_untrained_size,
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, cache=cache)
         if self.parallel is None:
             return self._generate(req, seed, generator, latents, callback, progress)
         with self.parallel.scope():
@@ -261,13 +304,14 @@ class Pipeline:
         if req.mode != "t2v":
             with stages("encoding"):
                 encoded = self.encode_frames(req, generator)
+        cache = step_cache.CacheRun(req.cache) if req.cache is not None else None
         with stages("denoising"):
             latents, cond = self.initial_latents(req, generator, latents, encoded)
             latents = self.denoise(latents, text, req, generator, callback, progress, cond,
-                                   self.graph_cache() if req.cuda_graph else None)
-        fps = self.defaults["fps"]
+                                   self.graph_cache() if req.cuda_graph else None, cache)
+        fps, report = self.defaults["fps"], cache.report() if cache is not None else None
         if req.output_type == "latent":
-            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks) if main else None
+            return GenerationResult(latents, stages.timings, fps, seed, stages.peaks, report) if main else None
         with stages("decoding"):
             padding = padding_frames(self.config, self.vae.config, req.num_frames) if req.mode != "v2v" else 0
             video = self.decode(latents[:, padding:], req.vae_tiling)
@@ -275,7 +319,7 @@ class Pipeline:
                 return None
             frames = to_frames(video, req.output_type, f"the VAE decode of {self.name} produced NaN/Inf in "
                                f"{self.dtype}; no video was written. Try float32.")
-        return GenerationResult(frames, stages.timings, fps, seed, stages.peaks)
+        return GenerationResult(frames, stages.timings, fps, seed, stages.peaks, report)
 
 
 def to_frames(video: torch.Tensor, output_type: str, nonfinite: str):

@@ -13,6 +13,7 @@ from ..models.geometry import check_size, latent_shape
 from ..models.vae_tiling import keeps_size
 from ..runtime import Runtime
 from ..runtime.tensorrt import TensorRTTransformer
+from ..sampler import cache as step_cache
 from ..sampler import graph, schedulers
 from .components import Components
 from .media import frame_size, frames_list
@@ -48,6 +49,7 @@ class Request:
     start: int = 0                        # first step of the schedule (video-to-video)
     vae_tiling: bool | str = "auto"
     cuda_graph: bool = False              # replay the step from a cached CUDA graph
+    cache: object = None                  # a checked step-cache policy (`sampler.cache`), or None
 
     @property
     def batch(self) -> int:
@@ -135,7 +137,7 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
              negative_prompt_embeds=None, image=None, image_noise_sigma=None, video=None, strength=0.8,
              num_frames=None, height=None, width=None, num_inference_steps=50, guidance_scale=6.0,
              use_dynamic_cfg=False, seed=None, generator=None, latents=None, max_sequence_length=None,
-             vae_tiling="auto", output_type="np", allow_untrained_size=False, cuda_graph=None) -> Request:
+             vae_tiling="auto", output_type="np", allow_untrained_size=False, cuda_graph=None, cache=None) -> Request:
     """generate()'s arguments (the same names and defaults) -> a Request, or the error of the first
     argument it cannot take."""
     cfg, vae, defaults = components.transformer.cfg, components.vae.config, components.defaults
@@ -178,5 +180,9 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
                                     runtime.offload.mode)
     if runtime.parallel is not None:
         runtime.parallel.check_request(text.guidance, use_graph)
+    policy = step_cache.parse(runtime.cache if cache is None else cache, cfg.variant)
+    if policy is not None and isinstance(components.transformer, TensorRTTransformer):
+        raise bad_arg("cache", policy.name, "None with backend='tensorrt': the engine runs the whole transformer "
+                      "and does not expose its blocks' residual; use a PyTorch backend")
     return Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
-                   image_noise_sigma, start, vae_tiling, use_graph)
+                   image_noise_sigma, start, vae_tiling, use_graph, policy)

@@ -13,12 +13,15 @@ import torch
 class GenerationResult:
     """`frames`: np (batch, frames, height, width, 3) float32 in [0, 1]; pt (batch, frames, 3, height,
     width); latent (batch, latent_frames, channels, h, w). `timings`: seconds per stage;
-    `peak_memory_gib`: the peak device memory allocated in each stage (CUDA only, else empty)."""
+    `peak_memory_gib`: the peak device memory allocated in each stage (CUDA only, else empty);
+    `cache`: with a step cache, {"policy", "computed_steps", "skipped_steps" (0-based step indices),
+    "bytes" (device memory its buffers held)}, else None."""
     frames: np.ndarray | torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     fps: int = 8
     seed: int | None = None
     peak_memory_gib: dict[str, float] = field(default_factory=dict)
+    cache: dict | None = None
 
 
 class StageMeter:

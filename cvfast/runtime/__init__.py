@@ -16,10 +16,11 @@ __all__ = ["Runtime", "Offload"]
 @dataclass(frozen=True)
 class Runtime:
     """What the assembler decided about running a pipeline; fixed for the pipeline's life.
-    cuda_graph: generate()'s default (False, True or "auto"); parallel: this rank's place in a
+    cuda_graph, cache: generate()'s defaults (`cvfast.load`); parallel: this rank's place in a
     parallel job, or None."""
     device: torch.device
     dtype: torch.dtype
     offload: Offload
     cuda_graph: bool | str = "auto"
     parallel: ParallelContext | None = None
+    cache: object = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,8 +79,10 @@ def capture_cuda(step: Callable[[], None], device: torch.device) -> CapturedStep
 
 @dataclass
 class Entry:
+    """A shape's buffers and its captured steps: one per step variant (`part`: the plain step, or a
+    step cache's compute and reuse variants, each captured on its own)."""
     buffers: StepBuffers
-    graph: CapturedStep | None = None
+    graphs: dict[str, CapturedStep] = field(default_factory=dict)
     uses: int = 0
 
 
@@ -103,16 +105,17 @@ class GraphCache:
         entry.uses += 1
         return entry
 
-    def run_step(self, entry: Entry, step: Callable[[], None]) -> None:
-        """One step of `entry`'s run: replayed when captured; captured (running the step once) from
-        the shape's second use on; eager on the first use."""
-        if entry.graph is not None:
-            entry.graph.replay()
+    def run_step(self, entry: Entry, step: Callable[[], None], part: str = "step") -> None:
+        """One step (or step variant `part`) of `entry`'s run: replayed when captured; captured
+        (running it once) from the shape's second use on; eager on the first use."""
+        graph = entry.graphs.get(part)
+        if graph is not None:
+            graph.replay()
         elif entry.uses >= 2:
-            entry.graph = self.capture(step)
+            entry.graphs[part] = self.capture(step)
         else:
             step()
 
     def held_bytes(self) -> int:
         """Device bytes the cached buffers hold, plus what each capture added to reserved memory."""
-        return sum(e.buffers.nbytes() + (e.graph.held_bytes if e.graph else 0) for e in self.entries.values())
+        return sum(e.buffers.nbytes() + sum(g.held_bytes for g in e.graphs.values()) for e in self.entries.values())

@@ -1,5 +1,6 @@
 """The denoising loop: the static step (`static_step.run_step`) run once per step, eagerly or replayed
-from a CUDA graph cached per shape (`graph.py`), with CFG and its dynamic schedule."""
+from a CUDA graph cached per shape (`graph.py`), with CFG and its dynamic schedule, and optionally a
+step cache (`cache.py`) that skips the transformer's blocks on some steps."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import NonFiniteLatentsError
 from . import graph, schedulers, static_step
+from .cache import CacheRun, MagCache, run_after_first_block, run_first_block, run_residual_step
 
 # What a non-finite step most likely means, per latent dtype.
 NONFINITE_HINTS = {torch.float16: "fp16 overflows in this model: use bfloat16 or float32.",
@@ -32,7 +34,7 @@ def guidance_scales(plan: schedulers.StepPlan, guidance: float, dynamic: bool) -
 def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None,
             plan: schedulers.StepPlan, guidance: float, dynamic: bool, draw: Callable[[], torch.Tensor], *,
             graphs: graph.GraphCache | None = None, callback: Callable | None = None, progress: bool = False,
-            label: str = "the model") -> torch.Tensor:
+            label: str = "the model", cache: CacheRun | None = None) -> torch.Tensor:
     """latents (B, F, C, h, w) -> denoised latents, same shape and dtype.
 
     denoiser: the transformer's call contract (`CogVideoXTransformer`, a TensorRT engine, a parallel
@@ -40,20 +42,30 @@ def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Ten
     image latents concatenated on channels at every step (image-to-video), or None; draw(): one
     Gaussian draw of the latents' shape (the DPM noise, all drawn before the first step). Each step
     runs over buffers allocated once for the call, or with `graphs` once per cached shape, whose step
-    is then captured and replayed. callback(step, timestep, latents) after each step, latents being
-    the loop's buffer (overwritten by the next step). Raises NonFiniteLatentsError (naming `label`)
-    when the latents became NaN/Inf, after the loop (one device read)."""
+    (each variant of it, with a cache) is then captured and replayed. cache: a step cache's run
+    (`cache.py`), which records the steps that computed. callback(step, timestep, latents) after each
+    step, latents being the loop's buffer (overwritten by the next step). Raises NonFiniteLatentsError
+    (naming `label`) when the latents became NaN/Inf, after the loop (one device read)."""
     copies = 2 if guidance > 1.0 else 1
-    shape = static_step.StepShape.of(latents, text, cond, copies, len(plan.timesteps_host))
+    shape = static_step.StepShape.of(latents, text, cond, copies, len(plan.timesteps_host),
+                                     cache.policy.buffers if cache is not None else "")
     allocate = functools.partial(static_step.allocate, shape, plan.kind, denoiser, latents.device, latents.dtype)
     entry = graphs.entry(shape, allocate) if graphs is not None else None
     buf = allocate() if entry is None else entry.buffers
+
+    def run(step: Callable[[], None], part: str = "step") -> None:
+        if entry is None:
+            step()
+        else:
+            graphs.run_step(entry, step, part)
+
     static_step.fill(buf, latents, text, cond, plan, guidance_scales(plan, guidance, dynamic), draw)
-    step = functools.partial(static_step.run_step, buf, denoiser)
-    run = step if entry is None else functools.partial(graphs.run_step, entry, step)
     steps = range(len(plan.timesteps_host))
     for i in tqdm(steps, desc="denoising", unit="step") if progress else steps:
-        run()
+        if cache is None:
+            run(functools.partial(static_step.run_step, buf, denoiser))
+        else:
+            cache.record(i, cached_step(buf, denoiser, cache, i, run))
         if callback is not None:
             callback(i, plan.timesteps_host[i], buf.latents)
     bad_step = int(buf.first_bad)
@@ -63,5 +75,22 @@ def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Ten
             f"running {label} in {latents.dtype}; no video was written. "
             + NONFINITE_HINTS.get(latents.dtype, "The weights or inputs (latents, embeddings) produce non-finite "
                                                  "values."))
+    if cache is not None:
+        cache.finish(buf.cache)
     # A cached shape's buffer is refilled by its next call: hand out a copy.
     return buf.latents if entry is None else buf.latents.clone()
+
+
+def cached_step(buf: static_step.StepBuffers, denoiser, cache: CacheRun, i: int, run) -> bool:
+    """Step i with the cache, its variants run through `run(step, part)`; whether it computed. A
+    scheduled cache knows before the loop; FirstBlockCache reads block 0's residual change (one
+    number, one device sync per step) between its two parts."""
+    if cache.schedule is not None:
+        compute = cache.schedule[i]
+        run(functools.partial(run_residual_step, buf, denoiser, not compute, isinstance(cache.policy, MagCache)),
+            "compute" if compute else "reuse")
+        return compute
+    run(functools.partial(run_first_block, buf, denoiser), "first-block")
+    compute = cache.policy.computes(float(buf.cache.diff) if cache.computed_steps else None)
+    run(functools.partial(run_after_first_block, buf, denoiser, not compute), "compute" if compute else "reuse")
+    return compute

@@ -9,7 +9,9 @@ fixed sequence of kernels: no `.item()`, no host values, no branch on device dat
 copy, so a CUDA graph can capture it once and replay it (`graph.py`).
 
 It is also the eager path: without a graph the pipeline calls `run_step` directly, so the graph
-replays exactly the function the CPU tests compare bit for bit with the plain loop.
+replays exactly the function the CPU tests compare bit for bit with the plain loop. A step cache
+(`cache.py`) adds its buffers (`CacheBuffers`) and runs its own variants of the model call between
+the same `step_inputs` and `step_update`.
 """
 from __future__ import annotations
 
@@ -33,11 +35,47 @@ class StepShape:
     copies: int                # 2 with CFG (unconditional and conditional halves of the batch), else 1
     text: tuple[int, ...]      # (copies * B, L, D)
     steps: int                 # the denoising steps that run
+    cache: str = ""            # the step cache's buffers (`CacheBuffers.KINDS`), "" without one
 
     @classmethod
     def of(cls, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None, copies: int,
-           steps: int) -> StepShape:
-        return cls(tuple(latents.shape), 0 if cond is None else cond.shape[2], copies, tuple(text.shape), steps)
+           steps: int, cache: str = "") -> StepShape:
+        return cls(tuple(latents.shape), 0 if cond is None else cond.shape[2], copies, tuple(text.shape), steps, cache)
+
+
+@dataclass
+class CacheBuffers:
+    """A step cache's state between steps, in the transformer's stream layout (rows, n_text + video
+    rows, D) and dtype. Which buffers exist depends on the kind:
+    "residual" (TeaCache, MagCache): `residual` only; "first-block": also `first`, `first_residual`,
+    `first_now`, `temb` and `diff`; "calibration": also `norms` and `ratios`."""
+    KINDS = ("residual", "first-block", "calibration")
+    residual: torch.Tensor                    # the blocks' output minus input, last computed step
+    first: torch.Tensor | None = None         # the stream after block 0, this step
+    first_now: torch.Tensor | None = None     # block 0's video residual, this step
+    first_residual: torch.Tensor | None = None  # block 0's video residual, last computed step
+    temb: torch.Tensor | None = None          # this step's conditioning, from the first part to the rest
+    diff: torch.Tensor | None = None          # (1,): mean|r - r_prev| / mean|r_prev| of this step
+    norms: torch.Tensor | None = None         # (rows, video rows) float32: last step's residual norms
+    ratios: torch.Tensor | None = None        # (steps,) float32: each step's mean residual-norm ratio
+
+    @classmethod
+    def allocate(cls, kind: str, stream: tuple[int, int, int], n_text: int, time_dim: int, steps: int,
+                 device: torch.device, dtype: torch.dtype) -> CacheBuffers:
+        rows, length, dim = stream
+        empty = functools.partial(torch.empty, device=device, dtype=dtype)
+        video = (rows, length - n_text, dim)
+        if kind == "first-block":
+            return cls(empty(stream), first=empty(stream), first_now=empty(video), first_residual=empty(video),
+                       temb=empty(rows, time_dim), diff=empty(1))
+        if kind == "calibration":
+            return cls(empty(stream), norms=empty(video[:2], dtype=torch.float32),
+                       ratios=empty(steps, dtype=torch.float32))
+        return cls(empty(stream))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f.name) for f in fields(self))
+                   if t is not None)
 
 
 @dataclass
@@ -56,12 +94,15 @@ class StepBuffers:
     prev_x0: torch.Tensor | None        # (B, F, C, h, w) float32: the DPM scheduler's previous x0
     step: torch.Tensor                  # (1,) int64: the index of the next step
     first_bad: torch.Tensor             # (1,) int64: the first step whose latents were not finite, or -1
+    cache: CacheBuffers | None = None   # a step cache's state
 
     def nbytes(self) -> int:
         """Device bytes the buffers hold (views counted once: `halves` are views of `model_in`)."""
-        tensors = [getattr(self, f.name) for f in fields(self) if f.name not in ("kind", "halves", "tables")]
+        tensors = [getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("kind", "halves", "tables", "cache")]
         tensors += [t for value in self.tables.values() for t in (value if isinstance(value, tuple) else (value,))]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        cached = self.cache.nbytes() if self.cache is not None else 0
+        return cached + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def allocate(shape: StepShape, kind: str, transformer, device: torch.device, dtype: torch.dtype) -> StepBuffers:
@@ -80,7 +121,10 @@ def allocate(shape: StepShape, kind: str, transformer, device: torch.device, dty
         coef=empty(shape.steps, 7 if dpm else 4, dtype=torch.float32),
         noise=empty(shape.steps, *shape.latents) if dpm else None,
         prev_x0=empty(shape.latents, dtype=torch.float32) if dpm else None,
-        step=empty(1, dtype=torch.int64), first_bad=empty(1, dtype=torch.int64))
+        step=empty(1, dtype=torch.int64), first_bad=empty(1, dtype=torch.int64),
+        cache=CacheBuffers.allocate(shape.cache, transformer.stream_shape(shape.copies * b, (f, h, w), shape.text[1]),
+                                    shape.text[1], transformer.cfg.time_embed_dim, shape.steps, device, dtype)
+        if shape.cache else None)
 
 
 def fill(buf: StepBuffers, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None,
@@ -109,15 +153,19 @@ def fill(buf: StepBuffers, latents: torch.Tensor, text: torch.Tensor, cond: torc
     buf.first_bad.fill_(-1)
 
 
-def run_step(buf: StepBuffers, transformer) -> None:
-    """One denoising step, in place on `buf`: the transformer on both CFG halves, guidance, the
-    scheduler update, the non-finite check, and the step index advanced. Returns nothing: every
-    result lands in `buf` (a graph's outputs must live outside its memory pool)."""
-    i = buf.step
+def step_inputs(buf: StepBuffers) -> torch.Tensor:
+    """The first half of every step: the latents copied into each CFG copy of the transformer input;
+    returns the step's timestep for the whole batch."""
     for half in buf.halves:
         half.copy_(buf.latents)
-    t = buf.timesteps.index_select(0, i).expand(buf.model_in.shape[0])
-    out = transformer(buf.model_in, buf.text, t, buf.tables, ofs=buf.ofs).float()
+    return buf.timesteps.index_select(0, buf.step).expand(buf.model_in.shape[0])
+
+
+def step_update(buf: StepBuffers, out: torch.Tensor) -> None:
+    """The second half: guidance on the model output (float32), the scheduler update, the non-finite
+    check, and the step index advanced. Every result lands in `buf` (a graph's outputs must live
+    outside its memory pool)."""
+    i = buf.step
     if buf.scales is not None:
         uncond, cond = out.chunk(2)
         out = uncond + buf.scales.index_select(0, i) * (cond - uncond)
@@ -130,3 +178,9 @@ def run_step(buf: StepBuffers, transformer) -> None:
     bad = ~torch.isfinite(buf.latents).all()
     buf.first_bad.copy_(torch.where(bad & (buf.first_bad < 0), i, buf.first_bad))
     i.add_(1)
+
+
+def run_step(buf: StepBuffers, transformer) -> None:
+    """One denoising step, in place on `buf`: the transformer on both CFG halves, then `step_update`."""
+    t = step_inputs(buf)
+    step_update(buf, transformer(buf.model_in, buf.text, t, buf.tables, ofs=buf.ofs).float())

@@ -14,7 +14,7 @@ from . import decode as parallel_decode
 from .config import ParallelConfig, refuse_cuda_graph
 from .failure import FailureWatch
 from ...ops import OpSet
-from .ulysses import SequenceParallel, UlyssesOps
+from .ulysses import SequenceParallel, UlyssesOps, mean_abs_over
 
 # Each context gets its own keys on the job's store; contexts are made in the same order on every
 # rank (every rank runs the same program), so the numbers agree.
@@ -37,8 +37,9 @@ def _backend_for(device: torch.device) -> str:
 
 class CFGParallel:
     """The denoiser a CFG-parallel rank's sampler step calls. Same contract as the transformer on the
-    whole [unconditional; conditional] batch, but it runs only this rank's half and all-gathers the
-    other: the one collective of the step (with Ulysses, after the group's token gather)."""
+    whole [unconditional; conditional] batch (its call and its stages, which a step cache composes),
+    but it runs only this rank's half and all-gathers the other: the one collective of the step (with
+    Ulysses, after the group's token gather)."""
 
     def __init__(self, transformer, group, index: int):
         self.transformer, self.group, self.index = transformer, group, index
@@ -50,14 +51,43 @@ class CFGParallel:
     def position_tables(self, *args, **kwargs) -> dict:
         return self.transformer.position_tables(*args, **kwargs)
 
+    def stream_shape(self, batch: int, latent: tuple[int, int, int], text_len: int) -> tuple[int, int, int]:
+        return self.transformer.stream_shape(batch // 2, latent, text_len)
+
+    def mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's half of a CFG batch."""
+        return t.chunk(2)[self.index]
+
+    def both(self, out: torch.Tensor) -> torch.Tensor:
+        """This rank's half of an output -> the whole batch's."""
+        halves = [torch.empty_like(out) for _ in range(2)]
+        dist.all_gather(halves, out.contiguous(), group=self.group)
+        return torch.cat(halves)
+
     def __call__(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, tables: dict,
                  ofs: torch.Tensor | None = None) -> torch.Tensor:
-        def mine(t: torch.Tensor) -> torch.Tensor:
-            return t.chunk(2)[self.index]
-        out = self.transformer(mine(latents), mine(text), mine(timestep), tables, ofs=ofs).contiguous()
-        halves = [torch.empty_like(out) for _ in range(2)]
-        dist.all_gather(halves, out, group=self.group)
-        return torch.cat(halves)
+        return self.both(self.transformer(self.mine(latents), self.mine(text), self.mine(timestep), tables, ofs=ofs))
+
+    def conditioning(self, timestep: torch.Tensor, dtype: torch.dtype, ofs: torch.Tensor | None = None):
+        return self.transformer.conditioning(self.mine(timestep), dtype, ofs)
+
+    def tokens(self, latents: torch.Tensor, text: torch.Tensor, tables: dict) -> torch.Tensor:
+        return self.transformer.tokens(self.mine(latents), self.mine(text), tables)
+
+    def run_blocks(self, *args, **kwargs):
+        return self.transformer.run_blocks(*args, **kwargs)
+
+    def settle(self, *args, **kwargs) -> torch.Tensor:
+        return self.transformer.settle(*args, **kwargs)
+
+    def head(self, stream: torch.Tensor, temb: torch.Tensor, n_text: int, latent_shape) -> torch.Tensor:
+        return self.both(self.transformer.head(stream, temb, n_text, latent_shape))
+
+    def mean_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """mean |x| over the whole job's rows (this rank holds half the batch, and with Ulysses a share
+        of the video rows): sums and counts combined over both groups before dividing."""
+        sequence = self.transformer.sequence_parallel
+        return mean_abs_over(x, [self.group] + ([sequence.group] if sequence is not None else []))
 
 
 class ParallelContext:

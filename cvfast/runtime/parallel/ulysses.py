@@ -56,6 +56,14 @@ class SequenceParallel:
         self.group, self.rank, self.ranks = group, rank, ranks
         self.split: Split | None = None
 
+    def rows(self, tokens: int) -> int:
+        """This rank's share of `tokens` video tokens."""
+        return Split.of(tokens, self.ranks).sizes[self.rank]
+
+    def mean_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """mean |x| over every rank's rows of the group."""
+        return mean_abs_over(x, [self.group])
+
     def scatter(self, video: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> this rank's rows (B, n_r, D)."""
         self.split = Split.of(video.shape[1], self.ranks)
@@ -100,6 +108,15 @@ class SequenceParallel:
                                input_split_sizes=[n_text + n for n in split.sizes], group=self.group)
         # (ranks, rows, B, heads/U, d) -> (B, rows, ranks * heads/U * d): head h = rank * heads/U + j.
         return received.view(ranks, mine, batch, local_heads, head_dim).permute(2, 1, 0, 3, 4).reshape(batch, mine, -1)
+
+
+def mean_abs_over(x: torch.Tensor, groups: list) -> torch.Tensor:
+    """mean |x| over the union of every rank's `x` in `groups` (nested process groups: each rank's
+    sum and count are combined over each in turn), in x's dtype; the sums are float32."""
+    total = torch.stack((x.abs().float().sum(), torch.tensor(float(x.numel()), device=x.device)))
+    for group in groups:
+        dist.all_reduce(total, group=group)
+    return (total[0] / total[1]).to(x.dtype)
 
 
 class UlyssesOps:
