@@ -101,6 +101,7 @@ def test_mag_cache_and_its_calibration_equal_diffusers(tmp_path, capsys, variant
     frames, computed = diffusers_run(folder, MagCacheConfig(mag_ratios=ratios, num_inference_steps=STEPS, **config),
                                      dynamic, i2v, variant)
     assert_same_run(ours, frames, computed)
+    assert rel_l2(ours.frames, cvfast_run(folder, None, dynamic, i2v, variant).frames) > 1e-3
 
 
 def teacache_reference(transformer, schedule):
@@ -171,6 +172,18 @@ def test_teacache_schedule_is_the_published_rule_and_frames_follow_it(variant, s
     frames, computed = diffusers_run(folder, None, dynamic, i2v, variant,
                                      prepare=lambda model: teacache_reference(model, expected))
     assert_same_run(ours, frames, computed)
+    assert rel_l2(ours.frames, cvfast_run(folder, None, dynamic, i2v, variant).frames) > 1e-3
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCache(1.0), TeaCache(1.0, (0.0, 0.0, 0.0, 1.0, 0.0))])
+def test_video_to_video_caches_over_the_steps_that_run(cache):
+    """strength 0.6 of 10 steps runs the last 6: the cache's steps are those 6 (0-based), some skipped."""
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu", dtype=torch.float32)
+    video = [pil(smooth_frame(48, 80, t=0.3 * i)) for i in range(9)]
+    kw = dict(video=video, strength=0.6, num_inference_steps=10, seed=2, progress=False)
+    cached, uncached = pipe.generate(PROMPT, cache=cache, **kw), pipe.generate(PROMPT, **kw)
+    assert sorted(cached.cache["computed_steps"] + cached.cache["skipped_steps"]) == list(range(6))
+    assert cached.cache["skipped_steps"] and rel_l2(cached.frames, uncached.frames) > 1e-4
 
 
 def test_teacache_presets_cover_every_variant():
