@@ -37,11 +37,13 @@ demo: $(STAMP)
 
 # With nvcc on the PATH, every csrc/*.cu must compile for sm_90 (even where no GPU will run it);
 # ptxas's register/spill/smem report: build/nvcc/ptxas.log.
-# The layer contract (.importlinter) fails the run on an import that climbs a layer.
+# The layer contract (.importlinter) fails the run on an import that climbs a layer. Every test extra
+# is installed here, so a missing one fails its tests instead of skipping them (tests/extras.py);
+# -rs prints the reason of every skip (without a GPU: the CUDA and TensorRT tests).
 test: $(TSTAMP)
 	@if command -v nvcc >/dev/null 2>&1; then $(PY) csrc/nvcc_check.py; else echo "nvcc not found: CUDA sources not compiled"; fi
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	CVFAST_REQUIRE_TEST_EXTRAS=1 $(PY) -m pytest -q -rs tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo.mp4

@@ -4,8 +4,8 @@ from __future__ import annotations
 from .api import generate, load
 from .checkpoints.convert import convert_sat
 from .core.errors import (CVFastError, CVFastInputError, EngineMismatchError, LoRAError, NonFiniteLatentsError,
-                          NumericsError, ONNXCheckError, ONNXExportError, RankFailedError, UnsafePickleError,
-                          WeightError)
+                          NumericsError, ONNXCheckError, ONNXExportError, OutputError, RankFailedError,
+                          UnsafePickleError, WeightError)
 from .export import export_onnx
 from .pipeline import GenerationResult, Pipeline
 from .runtime.parallel import ParallelConfig
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["load", "generate", "save_video", "export_onnx", "convert_sat", "Pipeline", "GenerationResult",
            "ParallelConfig", "TeaCache", "FirstBlockCache", "MagCache", "CVFastError", "CVFastInputError", "WeightError",
            "LoRAError", "UnsafePickleError", "EngineMismatchError", "NumericsError", "NonFiniteLatentsError", "ONNXExportError", "ONNXCheckError",
-           "RankFailedError", "__version__"]
+           "RankFailedError", "OutputError", "__version__"]

@@ -15,7 +15,7 @@ from .runtime import parallel as par
 from .runtime.tensorrt import TensorRTTransformer, check_model, read_spec, require_tensorrt
 from .sampler import cache as step_cache
 from .sampler import graph
-from .video import save_video
+from .video import check_video_path, save_video, video_paths
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
@@ -104,17 +104,23 @@ def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "vi
              base=None, trust_pickle: bool = False, parallel=None, engine=None,
              **kwargs) -> GenerationResult | None:
     """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
-    when `out` is not None, write the first video to `out` as mp4. parallel: as in `load`; then
-    rank 0 writes the video and returns the result, the other ranks return None."""
-    if out is not None and Path(out).suffix.lower() != ".mp4":
-        raise CVFastInputError(f"out={str(out)!r} is not accepted: a path ending in .mp4 (or None)")
-    if out is not None and kwargs.get("output_type", "np") == "latent":
-        raise CVFastInputError("output_type='latent' is not accepted with out=...: latents are not a video")
+    when `out` is not None, write the video there (.mp4, .webm or .gif; several prompts: one file each,
+    `video_paths(out, n)`: v-0.mp4, v-1.mp4, ...). `out` and the LoRA files are checked before the
+    model loads. parallel: as in `load`; then rank 0 writes the videos and returns the result, the
+    other ranks return None."""
+    if out is not None:
+        check_video_path(out)
+        if kwargs.get("output_type", "np") == "latent":
+            raise CVFastInputError("output_type='latent' is not accepted with out=...: latents are not a video")
+    for path, _ in loras:
+        if not Path(path).expanduser().exists():
+            raise bad_arg("lora", str(path), "an existing LoRA file or SAT checkpoint directory")
     pipe = load(model, device=device, dtype=dtype, backend=backend, allow_fp16=allow_fp16, offload=offload,
                 base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine)
     for path, scale in loras:  # (path, scale) pairs merged into the transformer before generating
         pipe.load_lora(path, scale, trust_pickle=trust_pickle)
     result = pipe.generate(prompt, **kwargs)
     if out is not None and result is not None:
-        save_video(result.frames[0], out, fps=result.fps)
+        for frames, path in zip(result.frames, video_paths(out, len(result.frames))):
+            save_video(frames, path, fps=result.fps)
     return result

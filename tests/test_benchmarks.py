@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.extras import require
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import run  # noqa: E402
@@ -44,7 +45,7 @@ def test_default_run_writes_valid_json(tmp_path):
 
 
 def test_e2e_with_diffusers_baseline_measures_both_with_ratios(tmp_path):
-    pytest.importorskip("diffusers")
+    require("diffusers")
     record = load(run.main(["--suite", "e2e", "--baseline", "diffusers", "--steps", "2", "--backends", "auto",
                             "--json", str(tmp_path / "e.json")]))
     rows = {(r["case"], r["backend"]): r for r in record["rows"]}
@@ -100,9 +101,8 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     # The graph part measures the eager step on the CPU and skips the graph.
     graph_rows = {r["backend"]: r for r in record["rows"] if r["suite"] == "graph"}
     assert graph_rows["cuda graph"]["extra"]["skipped"] == "no CUDA device"
-    eager = graph_rows["eager"]
-    # On a CPU the host computes the step itself: host time is the step time, give or take noise.
-    assert eager["median_ms"] / 3 < eager["extra"]["host_ms_per_step"] < eager["median_ms"] * 3
+    eager = graph_rows["eager"]  # measured, with its host time per step (no timing is asserted)
+    assert eager["median_ms"] > 0 and eager["extra"]["host_ms_per_step"] > 0
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# gpu suite, cpu") and "| e2e | tiny loop | auto |" in markdown
     assert "| graph | tiny step | eager |" in markdown and "host_ms_per_step" in markdown
@@ -115,7 +115,7 @@ def test_roofline_through_the_entry_point(tmp_path):
 
 
 def test_plot_draws_every_run_file(tmp_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from benchmarks import plot
     record = run.main(["--suite", "e2e", "--steps", "1", "--json", str(tmp_path / "e.json")])
     pngs = plot.main([str(record), "--out", str(tmp_path / "plots")])

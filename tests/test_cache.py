@@ -23,8 +23,9 @@ from tests.numerics import rel_l2
 from tests.test_graph import stand_in_capture
 from tests.test_image_video import pil, smooth_frame
 from tests.test_pipeline import PROMPT
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig  # noqa: E402
 
 STEPS = 10

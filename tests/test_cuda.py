@@ -14,6 +14,7 @@ from cvfast.ops import causal_conv3d as conv
 from cvfast.ops import group_norm as gn
 from cvfast.ops import joint_attention as attn
 from tests.numerics import check, fp32, naive_attention, rel_l2, within_twice_pytorch
+from tests.extras import require
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -94,7 +95,7 @@ def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
 # -- Triton kernels at CogVideoX sizes (bf16), with the checks of tests/test_triton.py ---------------
 
 def _triton():
-    pytest.importorskip("triton", reason="triton is not installed")
+    require("triton")
 
 
 @pytest.mark.parametrize("heads,head_dim,rope", [(48, 64, True), (30, 64, False), (24, 128, True)])
@@ -158,7 +159,7 @@ def test_graph_replay_equals_eager_bit_for_bit(dtype):
 
 def test_graph_replay_equals_eager_with_dpm_and_dynamic_cfg():
     from tests.fixtures import tiny_folder
-    pytest.importorskip("diffusers")
+    require("diffusers")
     pipe = cvfast.load(tiny_folder("5b", "dpm"), device="cuda", dtype=torch.bfloat16)
     eager, graphed = graphed_calls(pipe, use_dynamic_cfg=True, num_frames=17, height=48, width=80)
     for got in graphed:

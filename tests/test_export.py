@@ -17,17 +17,18 @@ import cvfast
 from cvfast import CVFastInputError
 from cvfast.models.geometry import latent_shape
 from tests.numerics import rel_l2
+from tests.extras import require
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 96          # latent 3 x 8 x 12 (1.5: 3 latent frames padded to 4)
 
 
 def _onnx_stack():
     for mod in ("onnx", "onnxruntime", "onnxscript"):
-        pytest.importorskip(mod)
+        require(mod)
 
 
 def _pipe(variant):
-    pytest.importorskip("diffusers")  # the tiny folders are written with diffusers
+    require("diffusers")  # the tiny folders are written with diffusers
     from tests.fixtures import tiny_folder
     return cvfast.load(tiny_folder(variant), device="cpu", dtype=torch.float32, backend="reference")
 

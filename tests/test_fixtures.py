@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.extras import require
 from tests.fixtures import (
     MAX_TEXT_SEQ_LEN,
     SPM_VOCAB_SIZE,
@@ -101,7 +102,7 @@ def test_tokenizer_loads_and_truncates():
 
 def test_spiece_only_tokenizer_layout(tmp_path):
     """tokenizer_json=False = the real CogVideoX layout; transformers 5 needs protobuf to convert it."""
-    pytest.importorskip("google.protobuf")
+    require("google.protobuf")
     from transformers import AutoTokenizer
 
     from tests.fixtures import write_tokenizer

@@ -25,8 +25,9 @@ from cvfast.sampler.static_step import StepShape
 from tests.fixtures import tiny_folder
 from tests.test_image_video import pil, smooth_frame
 from tests.test_pipeline import PROMPT, SIZE
+from tests.extras import require
 
-pytest.importorskip("diffusers")  # the tiny folders are written with diffusers
+require("diffusers")  # the tiny folders are written with diffusers
 
 
 def plain_denoise(self, latents, text, req, generator, callback, progress, cond=None, graphs=None, cache=None):

@@ -13,8 +13,9 @@ from cvfast.runtime import Offload
 from tests.fixtures import tiny_folder
 from tests.test_pipeline import PROMPT
 from tests.numerics import rel_l2
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 from PIL import Image  # noqa: E402  (diffusers depends on Pillow)
 
 

@@ -6,7 +6,7 @@ import ast
 import configparser
 from pathlib import Path
 
-import pytest
+from tests.extras import require
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cvfast"
@@ -55,7 +55,7 @@ def test_every_module_is_in_exactly_one_layer():
 
 
 def test_no_import_circle():
-    grimp = pytest.importorskip("grimp")
+    grimp = require("grimp")
     graph = grimp.build_graph("cvfast", include_external_packages=False)
     edges = {}
     for importer in graph.modules:

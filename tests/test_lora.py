@@ -8,9 +8,10 @@ from cvfast import LoRAError
 from tests.fixtures import tiny_folder
 from tests.test_pipeline import PROMPT, SIZE
 from tests.numerics import rel_l2
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
+diffusers = require("diffusers")
+peft = require("peft")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "proj_out"]
 

@@ -37,8 +37,9 @@ from tests.test_pipeline import PROMPT
 from tests.numerics import rel_l2
 from tests.test_vae import vae_pair
 from tests.test_vae_tiling import TILED_DECODE_BOUND
+from tests.extras import require
 
-pytest.importorskip("diffusers")  # the tiny folders are written with diffusers
+require("diffusers")  # the tiny folders are written with diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = dict(num_frames=9, height=48, width=80)   # latent 3 x 6 x 10: 45 tokens (1.0), 30 tokens (1.5)

@@ -11,8 +11,9 @@ import torch
 import cvfast
 from tests.numerics import rel_l2
 from tests.fixtures import pipeline_class, tiny_folder
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 PROMPT = "a small red boat drifts on a calm lake at sunrise"
 SIZE = dict(num_frames=17, height=48, width=80)  # 5 latent frames: two VAE chunks
@@ -111,7 +112,7 @@ def test_real_tokenizer_layout_and_mixed_component_dtypes(tmp_path):
     """A folder like the released ones: only spiece.model for the tokenizer, the transformer saved
     in bf16 and the VAE in fp32. cvfast reads it in the requested dtype and encodes the same text."""
     from tests.fixtures import make_tiny_folder
-    pytest.importorskip("google.protobuf")
+    require("google.protobuf")
     real = make_tiny_folder(tmp_path, "5b", "ddim", tokenizer_json=False, transformer_dtype=torch.bfloat16,
                             vae_dtype=torch.float32, name="real-layout")
     assert not (real / "tokenizer" / "tokenizer.json").exists()

@@ -24,8 +24,9 @@ from cvfast import LoRAError, UnsafePickleError, WeightError, convert_sat
 from tests.fixtures import scheduler_config, tiny_folder, transformer_config, vae_config
 from tests.test_pipeline import PROMPT, SIZE, diffusers_frames
 from tests.numerics import rel_l2
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 P = "model.diffusion_model."
 RANK = 3

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cvfast.sampler import schedulers
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 CONFIGS = {
     "2b": dict(snr_shift_scale=3.0),

@@ -23,11 +23,24 @@ def pipe():
 
 
 def fake_engine(tmp_path, spec: dict):
-    """An engine file with its spec beside it (the bytes are never read without TensorRT)."""
+    """An engine file with its spec beside it, as build_engines writes them (the bytes are never read
+    without TensorRT)."""
     plan = tmp_path / "9x64x96.plan"
     plan.write_bytes(b"not an engine")
-    plan.with_name(plan.name + ".json").write_text(json.dumps(spec))
+    plan.with_name(plan.name + ".json").write_text(json.dumps(dict(spec, plan_bytes=13)))
     return plan
+
+
+def test_an_engine_and_a_spec_from_different_builds_are_refused(pipe, tmp_path):
+    plan = fake_engine(tmp_path, engine_spec(pipe, 9, 64, 96, 1, torch.bfloat16, 226, "10.15"))
+    read_spec(plan)
+    plan.write_bytes(b"a longer engine from another build")
+    with pytest.raises(EngineMismatchError, match="different builds"):
+        read_spec(plan)
+    spec = json.loads(plan.with_name(plan.name + ".json").read_text())
+    plan.with_name(plan.name + ".json").write_text(json.dumps(dict(spec, format=1)))
+    with pytest.raises(EngineMismatchError, match="engine format 1, this cvfast reads 2"):
+        read_spec(plan)
 
 
 def test_spec_names_the_model_size_and_precision(pipe):

@@ -7,8 +7,9 @@ from cvfast.models.transformer import CogVideoXTransformer
 from cvfast.checkpoints import load_into
 from cvfast.checkpoints.diffusers import transformer_state_dict
 from tests.numerics import rel_l2
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 VARIANTS = {
     "2b": dict(),

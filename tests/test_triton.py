@@ -20,8 +20,9 @@ from cvfast.ops import adaln, mlp
 from cvfast.ops import joint_attention as attn
 from cvfast.ops.registry import placeholder, reference_impl
 from tests.numerics import DEVICE, check, fp32, naive_attention, poison_outputs
+from tests.extras import require
 
-pytest.importorskip("triton", reason="triton is not installed")
+require("triton")
 from cvfast.kernels import attention as attention_kernel  # noqa: E402
 from cvfast.kernels import gelu as gelu_kernel  # noqa: E402
 from cvfast.kernels import norms as norms_kernel  # noqa: E402

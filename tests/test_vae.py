@@ -14,8 +14,9 @@ from cvfast.ops import OP_NAMES, Impl, OpSet
 from cvfast.ops.causal_conv3d import causal_conv3d
 from cvfast.ops.registry import reference
 from tests.numerics import rel_l2
+from tests.extras import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 TOL = 1e-6  # between two fp32 runs of the same arithmetic (cvfast against itself)
 

@@ -18,8 +18,9 @@ from cvfast.ops import causal_conv3d as conv
 from cvfast.ops import spatial_norm as sn
 from cvfast.ops.registry import reference_impl
 from tests.numerics import DEVICE, LAYOUTS, check, fp32, poison_outputs
+from tests.extras import require
 
-pytest.importorskip("triton", reason="triton is not installed")
+require("triton")
 from cvfast.kernels import causal_conv3d as conv_kernel  # noqa: E402
 from cvfast.kernels import spatial_norm as spatial_norm_kernel  # noqa: E402
 

@@ -13,13 +13,14 @@ import torch
 from cvfast import ops
 from cvfast.ops import group_norm as gn
 from tests.numerics import DEVICE, LAYOUTS, check, fp32, poison_outputs
+from tests.extras import require
 
 
 @pytest.fixture(params=["native", "triton"])
 def group_norm(request, monkeypatch):
     """The backend's group_norm; the Triton kernel's outputs start as NaN."""
     if request.param == "triton":
-        pytest.importorskip("triton", reason="triton is not installed")
+        require("triton")
     (impl,) = [i for i in ops.alternatives("group_norm") if i.backend == request.param]
     if impl.unavailable:
         pytest.fail(f"backend {request.param} does not import: {impl.unavailable}")
@@ -65,7 +66,7 @@ def test_group_norm_mixed_layouts(group_norm):
 def test_triton_statistics_merge_across_programs(monkeypatch):
     """On a GPU a group's statistics are split over several programs and merged (the interpreter
     uses one): force 3 splits, with a large channel mean that a naive sum of squares would cancel."""
-    pytest.importorskip("triton", reason="triton is not installed")
+    require("triton")
     from cvfast.kernels import group_norm as kernel
     monkeypatch.setattr(kernel, "statistics_splits", lambda length: 3)
     for layout in LAYOUTS:

@@ -17,9 +17,10 @@ from cvfast.models.config import VAEConfig
 from cvfast.models.vae import CogVideoXVAE
 from cvfast.models.vae_tiling import (Tiling, choose_tiling, free_device_bytes, projected_decode_peak_bytes,
                                       projected_encode_peak_bytes, run_tiled)
+from tests.extras import require
+from tests.numerics import rel_l2
 
-diffusers = pytest.importorskip("diffusers")
-from tests.numerics import rel_l2  # noqa: E402
+diffusers = require("diffusers")
 from tests.test_vae import vae_pair  # noqa: E402  (the same diffusers/cvfast VAE pair)
 
 TOL = 1e-6

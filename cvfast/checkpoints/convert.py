@@ -3,9 +3,7 @@ that cvfast.load and diffusers read. A LoRA in the checkpoint is merged into the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.errors import bad_arg
+from ..core.files import replacing
 from ..models.config import VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
@@ -45,7 +44,7 @@ def convert_sat(sat_dir, out_dir, *, base=None, trust_pickle: bool = False) -> P
     if not is_sat_dir(folder):
         raise bad_arg("sat_dir", str(sat_dir), "a SAT checkpoint directory (transformer/latest, "
                       "transformer/<iteration>/mp_rank_00_model_states.pt, vae/3d-vae.pt, *.yaml)")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise bad_arg("out_dir", str(out_dir), "a new or empty folder (nothing is overwritten)")
     ckpt = SatCheckpoint.open(folder)
     t_cfg, base_dir = ckpt.transformer_config(), resolve_base(base)
@@ -63,21 +62,15 @@ def convert_sat(sat_dir, out_dir, *, base=None, trust_pickle: bool = False) -> P
         add_deltas(weights, deltas)
     transformer = to_diffusers_state_dict(weights, {k: t.shape for k, t in transformer.items()})
 
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        write_component(tmp / "transformer", dict(asdict(t_cfg), _class_name="CogVideoXTransformer3DModel"),
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out, directory=True) as staging:  # the folder appears whole, or not at all
+        write_component(staging / "transformer", dict(asdict(t_cfg), _class_name="CogVideoXTransformer3DModel"),
                         transformer)
-        write_component(tmp / "vae", vae_dict, {k: t for k, (t, _) in vae.items()})
+        write_component(staging / "vae", vae_dict, {k: t for k, (t, _) in vae.items()})
         for part in ("text_encoder", "tokenizer", "scheduler"):
-            shutil.copytree(base_dir / part, tmp / part)
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_dict, indent=2) + "\n")
+            shutil.copytree(base_dir / part, staging / part)
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_dict, indent=2) + "\n")
         index = read_json(base_dir / "model_index.json")
         index["_class_name"] = "CogVideoXImageToVideoPipeline" if t_cfg.is_image_to_video else "CogVideoXPipeline"
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out

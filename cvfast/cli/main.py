@@ -10,6 +10,7 @@ import torch.distributed as dist
 from ..api import generate, load
 from ..checkpoints.convert import convert_sat
 from ..core.errors import CVFastInputError
+from ..core.files import check_writable
 from . import export
 from .report import run
 
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video from a prompt")
     gen.add_argument("--model", default="tiny", help="model folder, hub id, or 'tiny' (default)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", default="video.mp4", help="output .mp4 path")
+    gen.add_argument("--out", default="video.mp4", help="output video: .mp4 (H.264), .webm (VP9) or .gif")
     gen.add_argument("--cache", default=None, metavar="SPEC",
                      help="step cache: teacache[:T], fbcache[:T] or magcache:T:RATIOS.json (see calibrate-cache)")
     _add_run_arguments(gen)
@@ -158,6 +159,7 @@ def run_generate(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    check_writable(args.out, "--out")
     pipe = load(args.model, **load_arguments(args))
     for path in args.lora:
         pipe.load_lora(path, args.lora_scale, trust_pickle=args.trust_pickle)

@@ -13,6 +13,7 @@ can tell a bad argument from a failed computation.
         ONNXExportError                 ...its written signature is not the expected one
         ONNXCheckError                  ...it does not match the reference forward within the bound
       RankFailedError (RuntimeError)  another rank of a parallel job failed
+      OutputError (OSError)           a file could not be written; the previous one is unchanged
 """
 
 
@@ -64,6 +65,11 @@ class ONNXCheckError(ExportError):
 
 class RankFailedError(CVFastError, RuntimeError):
     """Another rank of the parallel job failed; the message is that rank's error."""
+
+
+class OutputError(CVFastError, OSError):
+    """A file could not be written (a full disk, a writer that failed); nothing was written in place,
+    so the previous file at that path is unchanged."""
 
 
 def bad_arg(name: str, value, accepted: str) -> CVFastInputError:

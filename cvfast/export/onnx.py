@@ -57,6 +57,7 @@ from torch import nn
 
 from ..core.checks import check_fp16, positive_int, resolve_dtype
 from ..core.errors import ONNXExportError, bad_arg
+from ..core.files import check_writable, replacing
 from ..models.geometry import check_size, latent_shape
 from ..models.transformer import CogVideoXTransformer
 from ..ops import resolve
@@ -65,6 +66,7 @@ from ..runtime.tensorrt import INPUT_NAMES, OFS_INPUT, OUTPUT_NAME
 EXPORTER = "torch.onnx.export(dynamo=True)"
 OPSET = 18
 MODEL_FILE = "transformer.onnx"
+DATA_FILE = MODEL_FILE + ".data"  # the weights, beside the model when they exceed the threshold
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf caps one message at 2 GiB
 BATCH_DIM = "batch"
 MAX_BATCH = 4096
@@ -226,13 +228,7 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
         raise bad_arg("external_data_threshold_bytes", external_data_threshold_bytes, "an integer >= 0")
     require_onnx()
     import onnx_ir as ir
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise bad_arg("out_dir", str(out_dir), "a directory (it is created when missing)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MODEL_FILE
-    data_path = out_dir / (MODEL_FILE + ".data")
+    out_dir = check_export_dir(out_dir)
 
     shapes = export_shapes(pipe, frames, height, width, text_len)
     latent_frames, _, lh, lw = shapes["hidden_states"]
@@ -255,14 +251,29 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
         "cvfast.timestep": "float32 (batch,): the sampler's integer timesteps as float",
     })
     external = weight_bytes(module) > external_data_threshold_bytes
-    for stale in (path, data_path):
-        stale.unlink(missing_ok=True)
-    if external:
-        ir.save(program.model, path, external_data=data_path.name)
-    else:
-        ir.save(program.model, path)
-    verify_signature(path, [*INPUT_NAMES, *([OFS_INPUT] if has_ofs else [])], shapes, dt)
-    return path
+    # Written and checked in a new directory beside out_dir, which then replaces it as a whole: a
+    # failure or a kill leaves the previous export (model and data file) as it was.
+    with replacing(out_dir, directory=True) as staging:
+        path = staging / MODEL_FILE
+        ir.save(program.model, path, **({"external_data": DATA_FILE} if external else {}))
+        verify_signature(path, [*INPUT_NAMES, *([OFS_INPUT] if has_ofs else [])], shapes, dt)
+    return out_dir / MODEL_FILE
+
+
+def check_export_dir(out_dir) -> Path:
+    """out_dir, once it is known the export can replace it (its parents are created): a new
+    directory, or one that holds only a previous export (replacing it would delete anything else)."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in (MODEL_FILE, DATA_FILE) or p.is_dir())
+        if other:
+            raise bad_arg("out_dir", str(out_dir), f"a new directory or a previous export's: the export replaces "
+                          f"it as a whole, and it holds {other[:5]}")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise bad_arg("out_dir", str(out_dir), f"a path whose parent can be created ({exc.strerror})") from None
+    return check_writable(out_dir, "out_dir", directory=True)
 
 
 _ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto enums

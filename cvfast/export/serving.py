@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..core.errors import bad_arg
+from ..core.files import write_text
 from .onnx import require_onnx
 
 # onnx.TensorProto element type -> Triton data_type.
@@ -80,7 +81,7 @@ def write_serving_repo(onnx_path, repo_dir, *, name: str = "cogvideox_transforme
         config += f"default_model_filename: \"{engine_file}\"\n"
     config += _block("input", inputs) + _block("output", outputs)
     config += "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]\n"
-    (model_dir / "config.pbtxt").write_text(config)
+    write_text(model_dir / "config.pbtxt", config)
 
     # A shape profile for the engine: batch 1 up to twice the exported batch (classifier-free
     # guidance runs the negative and the positive prompt in one batch).
@@ -103,5 +104,5 @@ def write_serving_repo(onnx_path, repo_dir, *, name: str = "cogvideox_transforme
         "negative and positive prompts in one batch. The other dims are fixed by the export (one video size\n"
         "per engine); Triton serves the engine with the config.pbtxt one directory up.\n"
     )
-    (version_dir / "README.txt").write_text(readme)
+    write_text(version_dir / "README.txt", readme)
     return model_dir

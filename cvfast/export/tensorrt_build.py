@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import bad_arg
+from ..core.files import write_bytes, write_text
 from ..runtime.tensorrt import DTYPE_NAMES, ENGINE_FORMAT, config_hash, require_tensorrt
 from .onnx import export_onnx, export_shapes
 
@@ -35,8 +36,9 @@ def engine_spec(pipe, frames: int, height: int, width: int, batch: int, dtype: t
             "batch": [1, 2 * batch], "tensorrt": tensorrt_version}
 
 
-def _build_one(trt, onnx_path: Path, plan_path: Path, batch_range: tuple[int, int], cache_path: Path,
-               workspace_gib: float | None) -> None:
+def build_plan(trt, onnx_path: Path, batch_range: tuple[int, int], cache_path: Path,
+               workspace_gib: float | None) -> bytes:
+    """The serialized engine of `onnx_path` (the shared timing cache updated)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -59,8 +61,8 @@ def _build_one(trt, onnx_path: Path, plan_path: Path, batch_range: tuple[int, in
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    plan_path.write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
 
 
 def build_engines(pipe, out_dir, sizes: list[tuple[int, int, int]], *, batch: int = 1, dtype=None,
@@ -84,8 +86,11 @@ def build_engines(pipe, out_dir, sizes: list[tuple[int, int, int]], *, batch: in
         plan_path = out_dir / f"{name}.plan"
         spec = engine_spec(pipe, frames, height, width, batch, dt, text_len or pipe.config.max_text_seq_length,
                            trt.__version__)
-        _build_one(trt, onnx_path, plan_path, tuple(spec["batch"]), cache_path, workspace_gib)
-        plan_path.with_name(plan_path.name + ".json").write_text(json.dumps(spec, indent=1))
+        plan = build_plan(trt, onnx_path, tuple(spec["batch"]), cache_path, workspace_gib)
+        # The spec records the plan's size, so that a plan and spec from different builds (a run
+        # killed between the two renames) are refused at load instead of trusted.
+        write_bytes(plan_path, plan)
+        write_text(plan_path.with_name(plan_path.name + ".json"), json.dumps(dict(spec, plan_bytes=len(plan)), indent=1))
         plans.append(plan_path)
     return plans
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import CVFastInputError, NonFiniteLatentsError, bad_arg
-from ..core.files import check_writable, write_text_atomic
+from ..core.files import check_writable, write_text
 from ..models.config import TransformerConfig
 from ..models.geometry import latent_shape, padding_frames
 from ..models.vae_tiling import decide
@@ -230,7 +230,7 @@ class Pipeline:
         result = self.generate(prompt, cache=step_cache.Calibration(), output_type="latent", **arguments)
         ratios = result.cache["ratios"] if result is not None else []
         if path is not None:
-            write_text_atomic(path, json.dumps({"model": self.name, "variant": self.config.variant,
+            write_text(path, json.dumps({"model": self.name, "variant": self.config.variant,
                                                 "scheduler": self.scheduler.kind, "steps": len(ratios),
                                                 "ratios": ratios}, indent=1) + "\n")
         return ratios

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.errors import CVFastInputError, EngineMismatchError, bad_arg
 
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: the spec records the plan's size
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # The engine's (and the exported ONNX graph's) tensors.
 INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "timestep")
@@ -59,7 +59,12 @@ def read_spec(engine_path) -> dict:
                       "export tensorrt`): without it the model, size and precision it was built for are unknown")
     spec = json.loads(meta.read_text())
     if spec.get("format") != ENGINE_FORMAT:
-        raise EngineMismatchError(f"{meta}: engine format {spec.get('format')!r}, this cvfast reads {ENGINE_FORMAT}")
+        raise EngineMismatchError(f"{meta}: engine format {spec.get('format')!r}, this cvfast reads {ENGINE_FORMAT}: "
+                                  "rebuild the engine (cvfast export tensorrt)")
+    if engine_path.stat().st_size != spec["plan_bytes"]:
+        raise EngineMismatchError(f"{engine_path} has {engine_path.stat().st_size} bytes, its {meta.name} was "
+                                  f"written for a {spec['plan_bytes']}-byte engine: the two come from different "
+                                  "builds; rebuild the engine (cvfast export tensorrt)")
     return spec
 
 
