@@ -30,7 +30,8 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
             sequence_parallel=None if parallel is None else parallel.sequence_parallel)
         vae = CogVideoXVAE(v_cfg, ops)
     if transformer is not None:
-        load_into(transformer, checkpoint.transformer_tensors(), "transformer", dtype, home)
+        load_into(transformer, checkpoint.transformer_tensors(), "transformer", dtype, home,
+                  checkpoint.transformer_names)
     load_into(vae, checkpoint.vae_tensors(), "vae", dtype, home)
     text_encoder = checkpoint.text_encoder(home, dtype)
     loras = None if engine is not None else LoRAs(transformer)  # no LoRA reaches an engine's weights

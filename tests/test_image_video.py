@@ -107,14 +107,28 @@ def test_image_noise_augmentation_is_off_by_default_and_changes_the_video_when_o
     ("5b-i2v", dict(image=np.zeros((64, 96, 3), np.uint8), image_noise_sigma=-1), "image_noise_sigma=-1"),
     ("5b-i2v", dict(image=np.zeros((64, 96, 4), np.uint8)), r"image='array\(64, 96, 4\)'"),
     ("5b-i2v", dict(image=np.full((64, 96, 3), 2.0)), "image='float frames in"),
-    ("1.5-i2v", dict(image=np.zeros((64, 96, 3), np.uint8), num_frames=9, height=64, width=96),
-     "CogVideoX1.5-I2V sizes.*allow_untrained_size"),
     ("5b", dict(vae_tiling="yes"), "vae_tiling='yes'"),
 ])
 def test_conditioning_inputs_are_validated(variant, kwargs, match):
     pipe = cvfast.load(tiny_folder(variant, "ddim"), device="cpu")
     with pytest.raises(CVFastInputError, match=match):
         pipe.generate("a cat", progress=False, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_an_untrained_15_i2v_size_runs_with_one_warning(caplog):
+    """CogVideoX1.5-I2V was trained at 768 x 768..1360; another size (a fine-tune's, a small model's)
+    runs as in diffusers, with one warning line; allow_untrained_size=True says it is intended."""
+    pipe = cvfast.load(tiny_folder("1.5-i2v", "ddim"), device="cpu")
+    kw = dict(image=np.zeros((64, 96, 3), np.uint8), num_frames=9, height=64, width=96, num_inference_steps=1,
+              progress=False, output_type="latent", max_sequence_length=16)
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        assert pipe.generate("a cat", **kw).frames.shape[0] == 1
+    warned = [r for r in caplog.records if "not a size CogVideoX1.5-I2V was trained at" in r.getMessage()]
+    assert len(warned) == 1 and "9 frames at 64x96" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cvfast"):
+        pipe.generate("a cat", allow_untrained_size=True, **kw)
+    assert not [r for r in caplog.records if "trained at" in r.getMessage()]
 
 
 def test_offload_schedule_keeps_one_component_on_the_device(monkeypatch):

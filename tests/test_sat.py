@@ -119,7 +119,7 @@ def sat_yaml(variant, lora_alpha=None):
                       "network_config": {"target": "dit_video_concat.DiffusionTransformer", "params": network}}}
 
 
-def write_sat(root, variant, *, lora=None, lora_alpha=None, args=None, extra=None):
+def write_sat(root, variant, *, lora=None, lora_alpha=None, args=None, extra=None, saved=None):
     """A SAT directory of the tiny `variant` fixture, with the keys SAT checkpoints carry that hold
     no weight (RoPE tables, the 2B sincos table, text-encoder and VAE copies, the VAE's loss)."""
     folder, t = tiny_folder(variant), transformer_config(variant)
@@ -136,7 +136,7 @@ def write_sat(root, variant, *, lora=None, lora_alpha=None, args=None, extra=Non
     (sat / "transformer" / "1000").mkdir(parents=True)
     (sat / "transformer" / "latest").write_text("1000\n")
     saved_args = args or argparse.Namespace(mode="finetune", base=["cogvideox.yaml"], lr=1e-4, train_iters=1000)
-    torch.save({"module": module, "iteration": 1000, "args": saved_args},
+    torch.save({"module": module, "iteration": 1000, "args": saved_args, **(saved or {})},
                sat / "transformer" / "1000" / "mp_rank_00_model_states.pt")
     (sat / "vae").mkdir()
     vae = sat_vae(read(folder, "vae"), len(vae_config(variant)["block_out_channels"]))
@@ -224,7 +224,7 @@ def test_unknown_and_missing_sat_tensors_are_listed(tmp_path):
     saved = torch.load(ckpt, weights_only=False)
     del saved["module"][P + "mixins.adaln_layer.key_layernorm_list.1.bias"]
     torch.save(saved, ckpt)
-    with pytest.raises(WeightError, match=r"lacks 1 tensors, e\.g\. blocks\.1\.k_norm\.bias"):
+    with pytest.raises(WeightError, match=r"lacks 1 tensors, e\.g\. transformer_blocks\.1\.attn1\.norm_k\.bias \(diffusers"):
         cvfast.load(sat, base=folder, device="cpu")
 
 
@@ -251,6 +251,17 @@ def test_pickle_with_a_foreign_global_is_refused_unless_trusted(tmp_path, capsys
     trusted = cvfast.load(sat, base=folder, device="cpu", trust_pickle=True)
     assert state_equal(trusted.transformer, cvfast.load(folder, device="cpu").transformer)
     assert cli_main(["convert-sat", str(sat), str(tmp_path / "ok"), "--base", str(folder), "--trust-pickle"]) == 0
+
+
+def test_numpy_data_in_a_sat_checkpoint_is_read_without_trusting_it(tmp_path):
+    """SAT saves NumPy's random-number state (arrays, dtypes, scalars) beside the weights: data, read
+    by the safe unpickler."""
+    folder = tiny_folder("2b")
+    sat = write_sat(tmp_path, "2b", saved={"np_rng_state": np.random.default_rng(0).random(3),
+                                           "legacy_rng": np.random.RandomState(0).get_state(),
+                                           "loss_scale": np.float32(65536.0)})
+    pipe = cvfast.load(sat, base=folder, device="cpu")
+    assert state_equal(pipe.transformer, cvfast.load(folder, device="cpu").transformer)
 
 
 def random_sat_lora(t, seed=3):

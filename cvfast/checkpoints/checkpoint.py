@@ -35,17 +35,19 @@ class Checkpoint:
     defaults: dict
     lora: Callable[[], dict | None] | None = field(default=None, repr=False)
     lora_source: str = ""
+    transformer_names: Callable[[str], str] = str  # a cvfast tensor name -> the checkpoint's, for messages
 
 
-def load_into(module: nn.Module, named: Tensors, component: str,
-              dtype: torch.dtype, device: torch.device) -> None:
+def load_into(module: nn.Module, named: Tensors, component: str, dtype: torch.dtype, device: torch.device,
+              names: Callable[[str], str] = str) -> None:
     """Copy every tensor into `module`'s parameters (cast to dtype, moved to device), checking that
-    the two sides name exactly the same tensors with the same shapes."""
+    the two sides name exactly the same tensors with the same shapes; `names` gives the checkpoint's
+    name of a module tensor, so that a missing one is named as the user's file would name it."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(named))
     if missing:
         raise WeightError(f"{component}: checkpoint lacks {len(missing)} tensors, e.g. "
-                          + ", ".join(f"{k} {tuple(expected[k].shape)}" for k in missing[:5]))
+                          + ", ".join(f"{names(k)} {tuple(expected[k].shape)}" for k in missing[:5]))
     extra = sorted(set(named) - set(expected))
     if extra:
         raise WeightError(f"{component}: unexpected tensors {[named[k][1] for k in extra[:5]]}")

@@ -16,7 +16,7 @@ from ..models.config import VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
 from .checkpoint import Tensors, load_into
-from .diffusers import to_diffusers_state_dict, transformer_state_dict
+from .diffusers import read_config, to_diffusers_state_dict, transformer_state_dict
 from .hub import read_json
 from .lora import add_deltas, lora_deltas
 from .sat import SatCheckpoint, base_configs, is_sat_dir, resolve_base, with_source
@@ -49,7 +49,7 @@ def convert_sat(sat_dir, out_dir, *, base=None, trust_pickle: bool = False) -> P
     ckpt = SatCheckpoint.open(folder)
     t_cfg, base_dir = ckpt.transformer_config(), resolve_base(base)
     vae_dict, scheduler_dict = base_configs(ckpt, base_dir)
-    v_cfg = VAEConfig.from_dict(vae_dict)
+    v_cfg = read_config(base_dir / "vae" / "config.json", VAEConfig, vae_dict)
     transformer, lora = ckpt.read_transformer(t_cfg, trust_pickle)
     ours = transformer_state_dict(with_source(transformer, ckpt.checkpoint))
     check_against(CogVideoXTransformer, t_cfg, ours, "transformer")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ..core.errors import WeightError
+from ..core.errors import CVFastInputError, WeightError
 from ..models.config import TransformerConfig, VAEConfig, generation_defaults
 from ..models.text_encoder import TextEncoder
 from ..sampler.schedulers import SchedulerConfig
@@ -53,9 +53,12 @@ def read_tensors(component_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]:
     """All tensors of a component, each with the file it came from (for error messages)."""
     out: dict[str, tuple[torch.Tensor, Path]] = {}
     for path in safetensors_files(component_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                out[key] = (f.get_tensor(key), path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (no __iter__)
+                    out[key] = (f.get_tensor(key), path)
+        except (OSError, SafetensorError) as exc:
+            raise WeightError(f"{path} cannot be read as safetensors ({exc}): a truncated or damaged file?") from None
     return out
 
 
@@ -78,6 +81,26 @@ _TRANSFORMER_RENAMES = [
     (r"proj_out\.(weight|bias)", r"proj_out.\1"),
 ]
 QKV_KEY = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)")
+
+
+def diffusers_name(key: str) -> str:
+    """The diffusers name of a cvfast transformer tensor (the inverse of `cvfast_name`, for messages
+    that must name what the user's file holds); `key` itself when none maps to it."""
+    qkv = re.fullmatch(r"blocks\.(\d+)\.qkv\.(weight|bias)", key)
+    if qkv:
+        return f"transformer_blocks.{qkv[1]}.attn1.to_q/to_k/to_v.{qkv[2]}"
+    for pattern, target in _TRANSFORMER_RENAMES:
+        # Each rename run backwards: the target, escaped but with its group references (\1, \2, ...)
+        # turned into groups, matches the cvfast name; the pattern, with each of its groups turned into
+        # a slot, takes the matched parts. Running the result forwards again checks it.
+        backwards = re.sub(r"\\\d", "(.+?)", re.escape(target).replace("\\\\", "\\"))
+        found = re.fullmatch(backwards, key)
+        if found:
+            slots = re.sub(r"\((?:[^()]|\([^()]*\))*\)", "{}", pattern).replace("\\.", ".")
+            candidate = slots.format(*found.groups())
+            if cvfast_name(candidate) == key:
+                return candidate
+    return key
 
 
 def cvfast_name(key: str) -> str | None:
@@ -147,10 +170,10 @@ def open_folder(folder: Path, check: Callable[[TransformerConfig], None], name: 
     first), weights when the assembler asks. transformer_weights=False: the transformer's config only,
     for a transformer that runs elsewhere (a TensorRT engine)."""
     read_json(folder / "model_index.json")
-    transformer = TransformerConfig.from_dict(read_json(folder / "transformer" / "config.json"))
+    transformer = read_config(folder / "transformer" / "config.json", TransformerConfig)
     check(transformer)
-    vae = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
-    scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
+    vae = read_config(folder / "vae" / "config.json", VAEConfig)
+    scheduler = read_config(folder / "scheduler" / "scheduler_config.json", SchedulerConfig, scheduler_dict(folder))
 
     def vae_tensors() -> Tensors:
         return {key: (tensor, f"{path}:{key}") for key, (tensor, path) in read_tensors(folder / "vae").items()}
@@ -159,4 +182,23 @@ def open_folder(folder: Path, check: Callable[[TransformerConfig], None], name: 
         transformer_tensors=(lambda: transformer_state_dict(read_tensors(folder / "transformer")))
         if transformer_weights else None,
         vae_tensors=vae_tensors, text_encoder=text_encoder_loader(folder),
-        defaults=generation_defaults(transformer, vae))
+        defaults=generation_defaults(transformer, vae), transformer_names=diffusers_name)
+
+
+def read_config(path: Path, cls, data: dict | None = None):
+    """`cls.from_dict` of a config file (or of `data`, read from it); what it says that cvfast cannot
+    take is an input error naming the file."""
+    try:
+        return cls.from_dict(read_json(path) if data is None else data)
+    except (ValueError, TypeError) as exc:
+        raise CVFastInputError(f"{path}: {exc}") from None
+
+
+def scheduler_dict(folder: Path) -> dict:
+    """scheduler/scheduler_config.json, with the scheduler class model_index.json names when the file
+    lacks one (as diffusers' loader takes it)."""
+    data = read_json(folder / "scheduler" / "scheduler_config.json")
+    named = read_json(folder / "model_index.json").get("scheduler")
+    if "_class_name" not in data and isinstance(named, list) and named:
+        data["_class_name"] = named[-1]
+    return data

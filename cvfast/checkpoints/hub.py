@@ -35,4 +35,7 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CVFastInputError(f"{path} is missing: a diffusers-layout CogVideoX folder has model_index.json "
                                f"and {', '.join(COMPONENTS)}/ each with its config")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CVFastInputError(f"{path} is not valid JSON ({exc})") from None

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -40,12 +41,18 @@ from ..models.config import TransformerConfig, VAEConfig, generation_defaults
 from ..sampler.schedulers import SchedulerConfig
 from . import sat_names
 from .checkpoint import Checkpoint, Tensors
-from .diffusers import text_encoder_loader, transformer_state_dict
+from .diffusers import diffusers_name, read_config, scheduler_dict, text_encoder_loader, transformer_state_dict
 from .hub import download, is_hub_id, read_json
 
 # What SAT checkpoints hold besides tensors and builtins: the training arguments (an
-# argparse.Namespace) that SAT/DeepSpeed save next to the weights. Nothing that can run code.
-ALLOWED_PICKLE_GLOBALS = [argparse.Namespace]
+# argparse.Namespace) that SAT/DeepSpeed save next to the weights, and NumPy arrays, scalars and dtypes
+# (SAT saves NumPy's random-number state beside them). Data, nothing that can run code. The NumPy
+# functions are also allowed under their NumPy 1 names, which files written before NumPy 2 use.
+NUMPY_DATA = [(np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+              (np._core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+NUMPY_DTYPES = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+ALLOWED_PICKLE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+                          np._core.multiarray.scalar, *NUMPY_DATA, *NUMPY_DTYPES]
 CHECKPOINT_NAME = "mp_rank_00_model_states.pt"
 # What a base hub repo must provide; never its transformer or VAE weights.
 BASE_PATTERNS = ["model_index.json", "text_encoder/*", "tokenizer/*", "scheduler/*", "vae/config.json"]
@@ -63,7 +70,7 @@ def load_pickle(path: Path, trust_pickle: bool = False):
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"the global {found[1]}" if found else f"content the safe loader refuses ({str(exc).splitlines()[-1]})"
-        allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_PICKLE_GLOBALS)
+        allowed = "argparse.Namespace and NumPy's arrays, scalars and dtypes"
         raise UnsafePickleError(
             f"{path} holds {what}, which is not among the globals SAT checkpoints need ({allowed}); "
             "unpickling it could run code from the file. If you trust the file, pass trust_pickle=True "
@@ -213,7 +220,7 @@ def base_configs(ckpt: SatCheckpoint, base: Path) -> tuple[dict, dict]:
     vae = read_json(base / "vae" / "config.json")
     if "scale_factor" in ckpt.config["model"]:
         vae["scaling_factor"] = float(ckpt.config["model"]["scale_factor"])
-    scheduler = dict(read_json(base / "scheduler" / "scheduler_config.json"), snr_shift_scale=ckpt.snr_shift_scale())
+    scheduler = dict(scheduler_dict(base), snr_shift_scale=ckpt.snr_shift_scale())
     return vae, scheduler
 
 
@@ -229,11 +236,13 @@ def open_sat(folder: Path, base, trust_pickle: bool, check: Callable[[Transforme
     transformer = ckpt.transformer_config()
     check(transformer)
     base_dir = resolve_base(base)
-    vae_dict, scheduler_dict = base_configs(ckpt, base_dir)
-    vae = VAEConfig.from_dict(vae_dict)
+    vae_dict, scheduler_data = base_configs(ckpt, base_dir)
+    vae = read_config(base_dir / "vae" / "config.json", VAEConfig, vae_dict)
+    scheduler = read_config(base_dir / "scheduler" / "scheduler_config.json", SchedulerConfig, scheduler_data)
     read = functools.cache(lambda: ckpt.read_transformer(transformer, trust_pickle))
     return Checkpoint(
-        name=str(folder), transformer=transformer, vae=vae, scheduler=SchedulerConfig.from_dict(scheduler_dict),
+        name=str(folder), transformer=transformer, vae=vae, scheduler=scheduler,
         transformer_tensors=lambda: transformer_state_dict(with_source(read()[0], ckpt.checkpoint)),
         vae_tensors=lambda: ckpt.read_vae(vae, trust_pickle), text_encoder=text_encoder_loader(base_dir),
-        defaults=generation_defaults(transformer, vae), lora=lambda: read()[1], lora_source=str(ckpt.checkpoint))
+        defaults=generation_defaults(transformer, vae), lora=lambda: read()[1], lora_source=str(ckpt.checkpoint),
+        transformer_names=lambda key: f"{diffusers_name(key)} (diffusers' name of it)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
@@ -51,7 +52,7 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=6.0)
     gen.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=seed_value, default=None, help="0 to 2**64 - 1 (default: a random one)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
@@ -78,6 +79,17 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     _add_sat_arguments(gen)
 
 
+def seed_value(text: str) -> int:
+    """--seed's type: what torch.Generator.manual_seed takes."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer from 0 to 2**64 - 1")
+    return seed
+
+
 def _add_sat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="SAT checkpoints: the diffusers folder or hub id (e.g. "
                         "THUDM/CogVideoX-5b) that supplies the T5 text encoder, tokenizer, scheduler and VAE config")
@@ -102,13 +114,17 @@ def _read_inputs(args) -> dict:
             raise CVFastInputError(f"--image {args.image!r} cannot be read as an image: {exc}") from None
     if args.video is not None:
         import imageio_ffmpeg
+        if not Path(args.video).is_file():
+            raise CVFastInputError(f"--video {args.video!r} is not accepted: no such file")
         try:
             reader = imageio_ffmpeg.read_frames(args.video)
             meta = next(reader)
             width, height = meta["size"]
             out["video"] = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
         except (OSError, RuntimeError, StopIteration) as exc:
-            raise CVFastInputError(f"--video {args.video!r} cannot be read as a video: {exc}") from None
+            said = str(exc).strip().splitlines()  # ffmpeg's banner first, its complaint last
+            raise CVFastInputError(f"--video {args.video!r} cannot be read as a video: "
+                                   f"{said[-1] if said else type(exc).__name__}") from None
         out["strength"] = args.strength
     if args.image_noise_sigma is not None:
         sigma = args.image_noise_sigma

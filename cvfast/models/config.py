@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..core.checks import known_fields
 
@@ -43,15 +44,46 @@ class TransformerConfig:
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
 
+    # What sizes the model: a config without one of these would silently build another model from
+    # the defaults (every CogVideoX config.json diffusers ever wrote has them).
+    REQUIRED: ClassVar[tuple[str, ...]] = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels",
+                                           "text_embed_dim", "time_embed_dim", "patch_size")
+    # Bounds a config must stay within, checked before anything is built (a mistaken config would
+    # otherwise build for hours, or until memory runs out): 3.6x CogVideoX-5B's 5.6B parameters, and
+    # 24x its 42 blocks (each block is a few dozen Python objects even on the meta device).
+    MAX_PARAMETERS: ClassVar[int] = 20_000_000_000
+    MAX_LAYERS: ClassVar[int] = 1024
+
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
+        missing = [key for key in cls.REQUIRED if key not in d]
+        if missing:
+            raise ValueError(f"lacks {missing}: the keys that size a CogVideoX transformer")
         cfg = cls(**known_fields(cls, d))
         if cfg.out_channels is None:
             cfg = dataclasses.replace(cfg, out_channels=cfg.in_channels)
         cfg.check()
         return cfg
 
+    def parameter_count(self) -> int:
+        """About how many parameters the blocks hold: per block the fused QKV and output projections
+        (4 D^2), the feed-forward (8 D^2) and the two adaLN projections (2 x 6 D x time_embed_dim)."""
+        dim = self.inner_dim
+        return self.num_layers * (12 * dim * dim + 12 * dim * self.time_embed_dim)
+
     def check(self) -> None:
+        for key in self.REQUIRED:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+        if self.num_layers > self.MAX_LAYERS:
+            raise ValueError(f"num_layers={self.num_layers}: more than the {self.MAX_LAYERS} blocks cvfast builds "
+                             "(CogVideoX has 30 to 42): a mistaken config?")
+        if self.parameter_count() > self.MAX_PARAMETERS:
+            raise ValueError(f"num_layers={self.num_layers}, num_attention_heads={self.num_attention_heads}, "
+                             f"attention_head_dim={self.attention_head_dim} make a transformer of about "
+                             f"{self.parameter_count() / 1e9:.3g}B parameters, more than the {self.MAX_PARAMETERS / 1e9:.0f}B "
+                             "cvfast builds (CogVideoX-5B has 5.6B): a mistaken config?")
         if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
             raise ValueError(f"unsupported activations {self.activation_fn!r}/{self.timestep_activation_fn!r}: "
                              "CogVideoX uses gelu-approximate and silu")
@@ -103,7 +135,11 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        """From diffusers' `vae/config.json` contents; keys this VAE does not use are ignored."""
+        """From diffusers' `vae/config.json` contents; keys this VAE does not use are ignored, the keys
+        that size it are required."""
+        missing = [key for key in ("block_out_channels", "latent_channels") if key not in d]
+        if missing:
+            raise ValueError(f"lacks {missing}: the keys that size the CogVideoX VAE")
         kept = known_fields(cls, d)
         if "block_out_channels" in kept:
             kept["block_out_channels"] = tuple(kept["block_out_channels"])

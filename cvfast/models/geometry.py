@@ -7,6 +7,8 @@ same way.
 """
 from __future__ import annotations
 
+import logging
+
 from ..core.errors import bad_arg
 from .config import TransformerConfig, VAEConfig
 
@@ -14,6 +16,7 @@ from .config import TransformerConfig, VAEConfig
 # was trained on these chunk lengths; other values change the output (per-chunk GroupNorm).
 LATENT_FRAME_BATCH = 2
 SAMPLE_FRAME_BATCH = 8
+logger = logging.getLogger("cvfast")
 # CogVideoX1.5-I2V was trained at a short side of 768 and a long side of 768..1360 (THUDM model card).
 I2V_15_SHORT, I2V_15_LONG = 768, (768, 1360)
 
@@ -74,7 +77,8 @@ def latent_shape(transformer: TransformerConfig, vae: VAEConfig, num_frames: int
 def check_size(transformer: TransformerConfig, vae: VAEConfig, num_frames: int, height: int, width: int, *,
                image_to_video: bool, allow_untrained_size: bool, frames_name: str = "num_frames") -> None:
     """Refuse a video size the model cannot generate (`frames_name`: how the caller names the frame
-    count in its message, e.g. the export's `frames`)."""
+    count in its message, e.g. the export's `frames`); warn about a size CogVideoX1.5-I2V was not
+    trained at, unless `allow_untrained_size`."""
     tf = vae.temporal_factor
     # The VAE decodes latent frames in pairs after an odd first chunk (as CogVideoX does), so an
     # even latent count K decodes to 4K frames, not the 4K - 3 asked for: only an odd K, i.e.
@@ -100,7 +104,9 @@ def check_size(transformer: TransformerConfig, vae: VAEConfig, num_frames: int, 
     if image_to_video and transformer.variant == "1.5-i2v" and not allow_untrained_size:
         short, long = sorted((height, width))
         if short != I2V_15_SHORT or not I2V_15_LONG[0] <= long <= I2V_15_LONG[1] or (num_frames - 1) % 16:
-            raise bad_arg(f"{frames_name}/height/width", (num_frames, height, width),
-                          f"CogVideoX1.5-I2V sizes: one side {I2V_15_SHORT}, the other {I2V_15_LONG[0]} to "
-                          f"{I2V_15_LONG[1]} (multiples of 16), 16N+1 frames, e.g. (81, 768, 1360); "
-                          "pass allow_untrained_size=True to generate at other sizes anyway")
+            # A warning, not a refusal: diffusers runs any size, and a fine-tune (or a small test model)
+            # may have been trained at others.
+            logger.warning("cvfast: %d frames at %dx%d is not a size CogVideoX1.5-I2V was trained at (one side %d, "
+                           "the other %d to %d, multiples of 16, 16N+1 frames, e.g. 81 at 768x1360); generating "
+                           "anyway (allow_untrained_size=True says this size is intended)", num_frames, height,
+                           width, I2V_15_SHORT, *I2V_15_LONG)

@@ -63,11 +63,16 @@ class Request:
 def prompt_list(name: str, value) -> list[str] | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise bad_arg(name, value, "a string or a non-empty list of strings")
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise bad_arg(name, value, "a string or a non-empty list of strings")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: bytes a shell argument could not decode
+            raise bad_arg(name, prompt, f"text that is valid Unicode (character {exc.start} is an undecodable "
+                          "byte: save the prompt as UTF-8)") from None
+    return list(prompts)
 
 
 def validate_text(components: Components, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -165,8 +170,9 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
                       "output size (see Tiling.exact_for)")
     if seed is not None and generator is not None:
         raise bad_arg("seed", seed, "None when `generator` is given: pass one or the other")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise bad_arg("seed", seed, "a non-negative integer")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= seed < 2 ** 64):
+        raise bad_arg("seed", seed, "an integer from 0 to 2**64 - 1 (what torch.Generator.manual_seed takes)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise bad_arg("generator", generator, "a torch.Generator")
     shape = latent_shape(cfg, vae, num_frames, height, width)

@@ -35,7 +35,10 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        name = d.get("_class_name", "CogVideoXDDIMScheduler")
+        if "_class_name" not in d:
+            raise ValueError(f"lacks _class_name (one of {sorted(SCHEDULER_KINDS)}), and model_index.json names no "
+                             "scheduler: which scheduler it configures is unknown")
+        name = d["_class_name"]
         if name not in SCHEDULER_KINDS:
             raise ValueError(f"scheduler _class_name {name!r} is not supported: one of {sorted(SCHEDULER_KINDS)}")
         cfg = cls(kind=SCHEDULER_KINDS[name], **{k: v for k, v in known_fields(cls, d).items() if k != "kind"})
