@@ -166,3 +166,13 @@ def test_a_failed_onnx_export_leaves_the_previous_export_and_foreign_files_are_r
     path.mkdir()
     with pytest.raises(CVFastInputError, match=r"it holds \['transformer.onnx'\]"):
         cvfast.export_onnx(pipe, out, frames=9, height=64, width=96)
+
+
+def test_the_export_command_checks_its_directory_before_loading(tmp_path, monkeypatch, capsys):
+    import cvfast.cli.export as export_cli
+    monkeypatch.setattr(export_cli, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    taken = tmp_path / "export"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert main(["export", "onnx", "--model", "tiny", "--out", str(taken)]) == 2
+    assert "it holds ['notes.txt']" in capsys.readouterr().err and (taken / "notes.txt").read_text() == "mine"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from ..api import load
 from ..core.errors import CVFastInputError
+from ..core.files import check_writable
 from ..export import build_engines, check_onnx, export_onnx, write_serving_repo
-from ..export.onnx import require_onnx
+from ..export.onnx import check_export_dir, require_onnx
 from ..runtime.tensorrt import require_tensorrt
 from .report import error
 
@@ -65,6 +66,7 @@ def load_reference(args):
 
 def run_tensorrt(args) -> int:
     require_tensorrt()
+    check_writable(args.out, "--out", directory=True)
     pipe = load_reference(args)
     plans = build_engines(pipe, args.out, requested_sizes(args, pipe.defaults), batch=args.batch,
                           dtype=pipe.dtype if args.dtype else None, text_len=args.text_len,
@@ -75,6 +77,7 @@ def run_tensorrt(args) -> int:
 
 
 def run_onnx(args) -> int:
+    check_export_dir(args.out)
     pipe = load_reference(args)
     d = pipe.defaults
     path = export_onnx(pipe, args.out, frames=args.frames if args.frames is not None else d["num_frames"],
