@@ -96,7 +96,7 @@ def test_cli_video_to_video_and_image_to_video(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--image", "missing.png"], "--image 'missing.png' cannot be read"),
-    (["--video", "missing.mp4"], "--video 'missing.mp4' cannot be read"),
+    (["--video", "missing.mp4"], "--video 'missing.mp4' is not accepted: no such file"),
     (["--image-noise-sigma", "lots"], "--image-noise-sigma 'lots'"),
 ])
 def test_cli_bad_condition_files(tmp_path, args, message):
