@@ -17,6 +17,7 @@ from cvfast.models.text_encoder import TextEncoder
 from cvfast.models.transformer import CogVideoXTransformer
 from cvfast.models.vae import CogVideoXVAE
 from cvfast.ops import resolve
+from cvfast.ops.quantized import check_precision, quantized
 from cvfast.pipeline import Pipeline
 from cvfast.runtime import Offload, Runtime
 from cvfast.runtime import parallel as par
@@ -68,11 +69,13 @@ def random_checkpoint(model: str, device: torch.device, dtype: torch.dtype) -> C
                       text_encoder=text_encoder, defaults=generation_defaults(cfg, vae))
 
 
-def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, parallel: str | None = None) -> Pipeline:
-    """A cvfast Pipeline for `model` ("tiny" or a real architecture with random weights); parallel:
-    as in `cvfast.load`, in a program started by torchrun."""
+def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, parallel: str | None = None,
+          precision: str = "bf16") -> Pipeline:
+    """A cvfast Pipeline for `model` ("tiny" or a real architecture with random weights); parallel,
+    precision: as in `cvfast.load` (parallel in a program started by torchrun)."""
     if model == "tiny":
-        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend, parallel=parallel)
+        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend, parallel=parallel, precision=precision)
+    check_precision(precision, device, dtype)
     checkpoint = random_checkpoint(model, device, dtype)
     config = par.parse(parallel)
     context = None
@@ -80,7 +83,8 @@ def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, pa
         par.check_launch(config, "none", "auto")
         par.check_model(config, checkpoint.transformer)
         context = par.ParallelContext(config, device)
-    return assemble(checkpoint, Runtime(device, dtype, Offload("none", device), "auto", context), resolve(backend, device))
+    return assemble(checkpoint, Runtime(device, dtype, Offload("none", device), "auto", context, precision=precision),
+                    quantized(resolve(backend, device), precision, device))
 
 
 def diffusers_pipeline(pipe: Pipeline):

@@ -6,7 +6,9 @@ sources), run the GPU test files, measure the ceilings, the `ops` suite at CogVi
 diffusers (same weights, same run) when it is importable; then, if the run is still under
 `FIVE_B_AFTER_S`, the 5B e2e for auto and diffusers; last, the denoising step with and without the
 CUDA graph (`suite_graph.py`: step and host time per step, the memory the graph holds) on the tiny
-model and at CogVideoX-2B 49x480x720. Sized to finish in about 5 minutes on an H100 or H200. On a
+model and at CogVideoX-2B 49x480x720; then, if the run is still under `FP8_AFTER_S`, the fp8 part
+(`suite_fp8.py`: FP8 linears, the 8-bit attention and the 5B step against bf16, and the accuracy
+gate). Sized to finish in about 6.5 minutes on an H100 or H200. On a
 machine without CUDA, everything that needs it is recorded as skipped, and the tiny model stands in
 for the e2e part (and runs the graph part's eager half) so that the record-keeping itself is
 exercised.
@@ -23,11 +25,13 @@ import torch
 
 from .harness import ROOT, Row, ceilings
 from .suite_e2e import run_e2e
+from .suite_fp8 import run_fp8
 from .suite_graph import run_graph
 from .suite_ops import run_ops
 
 GPU_TESTS = ["tests/test_cuda.py"]
 FIVE_B_AFTER_S = 200  # start the optional 5B e2e only if the run is younger than this
+FP8_AFTER_S = 330     # and the fp8 part (about 90 s at 5B size) only if younger than this: 8 minutes in all
 TINY_GRAPH_STEPS = 10  # the tiny step takes milliseconds: more steps for steadier per-step times
 
 
@@ -97,6 +101,12 @@ def run_gpu(args, device: torch.device) -> tuple[list[Row], dict, dict]:
         torch.cuda.empty_cache()
         rows += _guarded(f"graph {model}", lambda: run_graph(model, device, args.dtype, steps=max(args.steps, 2),
                                                              **size))
+    if time.perf_counter() - start < FP8_AFTER_S or not gpu:
+        if gpu:
+            torch.cuda.empty_cache()
+        rows += _guarded("fp8", lambda: run_fp8(device))
+    else:
+        rows.append(_skipped("fp8", f"run already {time.perf_counter() - start:.0f} s old"))
     summary = dict(wall_s=time.perf_counter() - start, model=model, steps=args.steps,
                    headline=_headline(rows))
     return rows, summary, ceil
@@ -109,6 +119,8 @@ def _headline(rows: list[Row]) -> dict:
     for row in rows:
         if row.suite == "e2e" and row.backend == "auto":
             out[row.case] = {k: v for k, v in row.extra.items() if k.startswith(("speedup", "latents"))}
+        if row.suite == "fp8" and "ratio_vs_bf16" in row.extra:
+            out[f"{row.case} {row.backend}"] = {"ratio_vs_bf16": row.extra["ratio_vs_bf16"]}
         if row.suite == "graph" and row.backend == "cuda graph" and row.median_ms is not None:
             out[f"{row.case} cuda graph"] = {k: v for k, v in row.extra.items()
                                              if k.startswith(("speedup", "graph", "latents"))}
@@ -128,7 +140,7 @@ def markdown(record: dict) -> str:
     for r in record["rows"]:
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()
                           if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed",
-                                           "host", "graph")))
+                                           "host", "graph", "ratio", "output", "weight")))
         num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['suite']} | {r['case']} | {r['backend']} | {num(r['median_ms'], '.4g')} | "
                      f"{num(r['tflops'], '.3g')} | {num(r['gbps'], '.3g')} | {notes} |")

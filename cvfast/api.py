@@ -9,6 +9,7 @@ from .core.checks import check_fp16, resolve_device, resolve_dtype
 from .core.errors import CVFastInputError, bad_arg
 from .models.config import TransformerConfig
 from .ops import resolve
+from .ops.quantized import check_precision, quantized
 from .pipeline import GenerationResult, Pipeline
 from .runtime import Offload, Runtime
 from .runtime import parallel as par
@@ -20,7 +21,7 @@ from .video import check_video_path, save_video, video_paths
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
-         parallel=None, engine=None, cache=None) -> Pipeline:
+         parallel=None, engine=None, cache=None, precision: str = "bf16") -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -40,6 +41,10 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
     loaded. An engine built for another model, size or precision is refused, naming which.
     cache: generate()'s default step cache (None: none; see `Pipeline.generate`), checked here.
+    precision: "bf16" (the denoiser unquantized, in `dtype`), "fp8" (FP8 linears and 8-bit attention),
+    "fp8-linear" or "fp8-attention" (one of the two; see `cvfast/ops/quantized.py`). FP8 runs on CUDA
+    devices of compute capability 8.9 or more in bf16, and emulated (the same roundings, fp32 matmuls)
+    on the CPU; `pipe.backends()` names the quantized ops' backends. FP8 linears take no LoRA.
     """
     config = par.parse(parallel)
     if config is not None:
@@ -52,10 +57,13 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         if cache is not None:
             raise bad_arg("cache", cache, "None with backend='tensorrt': the engine runs the whole transformer and "
                           "does not expose its blocks' residual")
+        if precision != "bf16":
+            raise bad_arg("precision", precision, "'bf16' with backend='tensorrt' (the engine fixes its own precision)")
         return load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
     dev = par.rank_device(dev) if config is not None else dev
     dt = resolve_dtype(dtype, dev)
-    ops = resolve(backend, dev)
+    check_precision(precision, dev, dt)
+    ops = quantized(resolve(backend, dev), precision, dev)
     placement = Offload(offload, dev)
     graph.check_setting(cuda_graph, dev, offload)
 
@@ -67,7 +75,7 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         step_cache.parse(cache, cfg.variant)
     checkpoint = open_checkpoint(model, check, base=base, trust_pickle=trust_pickle)
     context = par.ParallelContext(config, dev) if config is not None else None
-    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache), ops)
+    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision), ops)
 
 
 def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, offload: str, cuda_graph,
@@ -99,9 +107,18 @@ def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, 
     return build(checkpoint, runtime, resolve("auto", dev), TensorRTTransformer(engine, spec, checkpoint.transformer, dev))
 
 
+def check_loras(paths, precision: str) -> None:
+    """LoRA files named before a load: each must exist, and FP8 weights take none."""
+    for path in paths:
+        if not Path(path).expanduser().exists():
+            raise bad_arg("lora", str(path), "an existing LoRA file or SAT checkpoint directory")
+        if precision in ("fp8", "fp8-linear"):
+            raise bad_arg("lora", str(path), f"no LoRA with precision={precision!r} (FP8 weights take none)")
+
+
 def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,
              backend: str = "auto", allow_fp16: bool = False, offload: str = "none", loras=(),
-             base=None, trust_pickle: bool = False, parallel=None, engine=None,
+             base=None, trust_pickle: bool = False, parallel=None, engine=None, precision: str = "bf16",
              **kwargs) -> GenerationResult | None:
     """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
     when `out` is not None, write the video there (.mp4, .webm or .gif; several prompts: one file each,
@@ -112,11 +129,9 @@ def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "vi
         check_video_path(out)
         if kwargs.get("output_type", "np") == "latent":
             raise CVFastInputError("output_type='latent' is not accepted with out=...: latents are not a video")
-    for path, _ in loras:
-        if not Path(path).expanduser().exists():
-            raise bad_arg("lora", str(path), "an existing LoRA file or SAT checkpoint directory")
+    check_loras([path for path, _ in loras], precision)
     pipe = load(model, device=device, dtype=dtype, backend=backend, allow_fp16=allow_fp16, offload=offload,
-                base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine)
+                base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine, precision=precision)
     for path, scale in loras:  # (path, scale) pairs merged into the transformer before generating
         pipe.load_lora(path, scale, trust_pickle=trust_pickle)
     result = pipe.generate(prompt, **kwargs)

@@ -7,6 +7,7 @@ import torch
 from .checkpoints import Checkpoint, load_into
 from .checkpoints.lora import LoRAs
 from .core.errors import CVFastInputError
+from .models.fp8 import quantize_linears
 from .models.transformer import CogVideoXTransformer
 from .models.vae import CogVideoXVAE
 from .ops import OpSet
@@ -18,7 +19,9 @@ from .runtime.tensorrt import TensorRTTransformer
 def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRTTransformer | None = None) -> Pipeline:
     """Build the modules on the meta device, put the checkpoint's tensors into them (cast to the
     runtime's dtype, where offloading keeps them), load the text encoder, merge a LoRA the checkpoint
-    carries. engine: a TensorRT engine that replaces the transformer (whose weights are not read)."""
+    carries, then quantize the transformer's linears when the runtime's precision asks for FP8 ones
+    (`ops` is then already `cvfast.ops.quantized.quantized(...)`). engine: a TensorRT engine that
+    replaces the transformer (whose weights are not read)."""
     t_cfg, v_cfg = checkpoint.transformer, checkpoint.vae
     if t_cfg.out_channels != v_cfg.latent_channels:
         raise CVFastInputError(f"{checkpoint.name}: transformer out_channels {t_cfg.out_channels} != VAE "
@@ -37,5 +40,8 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
     loras = None if engine is not None else LoRAs(transformer)  # no LoRA reaches an engine's weights
     if loras is not None and checkpoint.lora is not None and (layers := checkpoint.lora()) is not None:
         loras.merge(layers, 1.0, checkpoint.lora_source)
+    if runtime.precision in ("fp8", "fp8-linear"):
+        quantize_linears(transformer)
+        loras = None  # a LoRA cannot be merged into (or taken out of) FP8 weights
     return Pipeline(Components(checkpoint.name, engine or transformer.eval(), vae.eval(), text_encoder,
                                checkpoint.scheduler, ops, checkpoint.defaults, loras), runtime)

@@ -103,6 +103,11 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     assert graph_rows["cuda graph"]["extra"]["skipped"] == "no CUDA device"
     eager = graph_rows["eager"]  # measured, with its host time per step (no timing is asserted)
     assert eager["median_ms"] > 0 and eager["extra"]["host_ms_per_step"] > 0
+    # The fp8 part skips its kernels and runs the step and the gate on the tiny model (the emulation).
+    fp8 = {(r["case"], r["backend"]): r["extra"] for r in record["rows"] if r["suite"] == "fp8"}
+    assert "compute capability 8.9" in fp8[("kernels", "-")]["skipped"]
+    assert fp8[("tiny check-precision 4 steps", "fp8")]["passed"] is True
+    assert "int8-emulated" in fp8[("tiny step batch 2 9x64x96", "fp8")]["backends"]
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# gpu suite, cpu") and "| e2e | tiny loop | auto |" in markdown
     assert "| graph | tiny step | eager |" in markdown and "host_ms_per_step" in markdown

@@ -317,3 +317,43 @@ def test_triton_spatial_norm_at_decoder_sizes(shape, latent_frames, channels_las
     got = spatial_norm.triton_spatial_norm(*args)
     assert got.is_contiguous(memory_format=fmt)
     check(got, exact, own)
+
+
+# -- 8-bit precision (cvfast/ops/quantized.py): the fast backends against their CPU-tested emulations --
+
+def _fp8_device():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9 (Ada, Hopper)")
+
+
+def test_scaled_mm_linear_matches_the_fp8_emulation():
+    """Same quantization; the tensor cores sum the e4m3 products in another order and round the output
+    to bf16 once: within bf16's rounding (2^-8 relative) of the emulation's bf16 output."""
+    _fp8_device()
+    from cvfast.ops import quantized
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 301, 3072, device="cuda", generator=gen).bfloat16()
+    w8, scale = quantized.quantize_rows(torch.randn(1536, 3072, device="cuda", generator=gen) * 0.02)
+    bias = torch.randn(1536, device="cuda", generator=gen).bfloat16()
+    got = quantized.scaled_mm_linear(x, w8, scale, bias)
+    assert rel_l2(got, quantized.fp8_linear(x, w8, scale, bias)) < 2 ** -8
+
+
+def test_triton_8bit_attention_matches_its_emulation_at_cogvideox_size():
+    _fp8_device()
+    _triton()
+    from cvfast.ops import quantized
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(2, 48, 2027, 64, device="cuda", generator=gen) for _ in range(3))
+    k = k + 10 * torch.randn(1, 48, 1, 64, device="cuda", generator=gen).sign()
+    got = quantized.triton_quantized_attention(q, k, v)
+    assert rel_l2(got, quantized.quantized_attention(q, k, v)) < 1e-5
+
+
+def test_fp8_pipeline_on_cuda_passes_the_gate():
+    _fp8_device()
+    from cvfast.pipeline.accuracy import compare
+    fp8 = cvfast.load("tiny", device="cuda", precision="fp8")
+    report = compare(cvfast.load("tiny", device="cuda"), fp8, "a red boat", num_inference_steps=4)
+    assert report["passed"], report
+    assert fp8.backends()["fp8_linear"] == "scaled-mm"

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 
-from ..api import generate, load
+from ..api import check_loras, generate, load
 from ..checkpoints.convert import convert_sat
 from ..core.errors import CVFastInputError
-from ..core.files import check_writable
+from ..core.files import check_writable, write_text
+from ..ops.quantized import PRECISIONS
+from ..pipeline.accuracy import compare
 from . import export
 from .report import run
 
@@ -39,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
     convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
     _add_sat_arguments(convert)
+    check = sub.add_parser("check-precision", help="compare a model at an 8-bit precision with its unquantized self")
+    check.add_argument("model", help="model folder, hub id, or 'tiny'")
+    check.add_argument("--prompt", default=CALIBRATION_PROMPT, help="the prompt of both runs")
+    check.add_argument("--out", default=None, help="also write the report as JSON there")
+    _add_run_arguments(check)
+    check.set_defaults(precision="fp8", steps=8)  # a short generation: the error compounds over the steps
     export.add_parser(sub)
     return parser
 
@@ -58,6 +67,9 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
     gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
     gen.add_argument("--allow-fp16", action="store_true")
+    gen.add_argument("--precision", default="bf16", choices=PRECISIONS,
+                     help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
+                          "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
     gen.add_argument("--image", default=None, help="image file: image-to-video (needs an I2V model)")
     gen.add_argument("--image-noise-sigma", default=None,
                      help="first-frame noise augmentation of the SAT engine: a number or 'sample' (default off)")
@@ -145,7 +157,7 @@ def load_arguments(args) -> dict:
     """The flags that say how to load the model, as load() arguments."""
     return dict(device=args.device, dtype=args.dtype, backend=args.backend, allow_fp16=args.allow_fp16,
                 offload=args.offload, base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
-                parallel=args.parallel)
+                parallel=args.parallel, precision=args.precision)
 
 
 def generate_arguments(args) -> dict:
@@ -176,6 +188,7 @@ def run_generate(args) -> int:
 
 def run_calibrate(args) -> int:
     check_writable(args.out, "--out")
+    check_loras(args.lora, args.precision)
     pipe = load(args.model, **load_arguments(args))
     for path in args.lora:
         pipe.load_lora(path, args.lora_scale, trust_pickle=args.trust_pickle)
@@ -184,13 +197,58 @@ def run_calibrate(args) -> int:
     return 0
 
 
+def run_check_precision(args) -> int:
+    """Exit status 0 when the verdict passes, 1 when it fails."""
+    if args.precision == "bf16":
+        raise CVFastInputError("--precision 'bf16' is not accepted by check-precision: fp8, fp8-linear or "
+                               "fp8-attention (bf16 is what it compares against)")
+    if args.lora:
+        raise CVFastInputError(f"--lora {args.lora[0]!r} is not accepted by check-precision: compare a model "
+                               "with the LoRA already merged into its weights")
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    arguments = load_arguments(args)
+    reference = load(args.model, **{**arguments, "precision": "bf16"})
+    candidate = load(args.model, **arguments)
+    run_arguments = generate_arguments(args)
+    seed, _ = run_arguments.pop("seed"), run_arguments.pop("progress")
+    report = compare(reference, candidate, args.prompt, seed=0 if seed is None else seed, **run_arguments)
+    print(precision_report(report))
+    if args.out is not None:
+        write_text(args.out, json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if report["passed"] else 1
+
+
+def precision_report(report: dict) -> str:
+    """The comparison as text: weights, the forward per block and at the output, the latents, verdict."""
+    mib = 2 ** 20
+    weights, limits = report["weights"], report["thresholds"]
+    lines = [f"transformer weights: {weights['reference_bytes'] / mib:.1f} MiB unquantized, "
+             f"{weights['candidate_bytes'] / mib:.1f} MiB at {report['precision']}",
+             "one forward (cosine, relative L2 against unquantized):"]
+    lines += [f"  block {i:3d}: {b['cosine']:.6f}  {b['rel_l2']:.4f}" for i, b in enumerate(report["blocks"])]
+    lines += [f"  output   : {report['output']['cosine']:.6f}  {report['output']['rel_l2']:.4f}"
+              f"  (needs cosine >= {limits['output_cosine']})",
+              f"latents moved by {report['steps']} steps: {report['latents']['cosine']:.6f}  "
+              f"{report['latents']['rel_l2']:.4f}  (needs cosine >= {limits['latents_cosine']})",
+              f"block 0's residual moved by the quantization: {report['first_block_residual_change']:.4f} "
+              f"(FirstBlockCache thresholds: keep at least twice this)",
+              f"verdict: {'PASS' if report['passed'] else 'FAIL'} ({report['precision']})"]
+    return "\n".join(lines)
+
+
 COMMANDS = {"generate": run_generate, "calibrate-cache": run_calibrate, "convert-sat": run_convert_sat,
-            "export": export.run}
+            "check-precision": run_check_precision, "export": export.run}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
-    logging.getLogger("cvfast").addHandler(handler)
-    return run(COMMANDS[args.command], args)
+    logger = logging.getLogger("cvfast")
+    logger.addHandler(handler)
+    try:
+        return run(COMMANDS[args.command], args)
+    finally:  # main() called twice in one process (tests, notebooks) prints each line once
+        logger.removeHandler(handler)

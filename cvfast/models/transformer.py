@@ -78,7 +78,10 @@ class Block(nn.Module):
         # 3. Gated residual fused with the second adaLN, then the feed-forward.
         h, normed = ops.gated_residual_modulate(h, self.attn_out(attn), gate1, self.norm2.weight, self.norm2.bias,
                                                 shift2, scale2, n_text, self.eps)
-        ff = ops.gelu_mlp(normed, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias)
+        if isinstance(self.ff1, nn.Linear):
+            ff = ops.gelu_mlp(normed, self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias)
+        else:  # FP8 linears (`cvfast.models.fp8`) run their own matmuls; the GELU between them is the same
+            ff = self.ff2(F.gelu(self.ff1(normed), approximate="tanh"))
         return h, (ff, gate2)
 
 

@@ -205,7 +205,15 @@ class OpSet:
 
     def __init__(self, impls: dict[str, Impl | Sequence[Impl]] | None = None, required: str | None = None):
         impls = {op: reference_impl(op) for op in op_names()} if impls is None else impls
+        self.required = required
         self._ops = {op: _Dispatcher(op, [c] if isinstance(c, Impl) else c, required) for op, c in impls.items()}
+
+    def with_impls(self, impls: dict[str, Impl | Sequence[Impl]]) -> OpSet:
+        """A new OpSet: these ops (added, or replacing this one's) with `impls`, every other op this
+        one's, its choices so far included."""
+        out = OpSet(impls, self.required)
+        out._ops = {**self._ops, **out._ops}
+        return out
 
     def __getattr__(self, name: str) -> Callable:
         ops = self.__dict__.get("_ops", {})

@@ -20,10 +20,12 @@ else:
     IMPORT_ERROR = None
 
 
-def impl(fn: Callable, why_not: Callable[..., list[str]] | None) -> Impl:
-    """The Triton Impl of one op, or the placeholder that names why triton did not import."""
+def impl(fn: Callable, why_not: Callable[..., list[str]] | None, backend: str = "triton",
+         min_capability: tuple[int, int] = (8, 0)) -> Impl:
+    """The Triton Impl of one op, or the placeholder that names why triton did not import.
+    min_capability: 8.0 for bf16 tensor cores; 8.9 for kernels with FP8 dots."""
     if IMPORT_ERROR is not None:
-        return placeholder("triton", IMPORT_ERROR)
+        return placeholder(backend, IMPORT_ERROR)
     devices = ("cuda", "cpu") if kernels.common.INTERPRET else ("cuda",)
-    return Impl("triton", fn, devices=devices, dtypes=FLOAT_DTYPES, min_capability=(8, 0), why_not=why_not,
+    return Impl(backend, fn, devices=devices, dtypes=FLOAT_DTYPES, min_capability=min_capability, why_not=why_not,
                 device_note="the CPU runs Triton kernels only with TRITON_INTERPRET=1 set before cvfast is imported")

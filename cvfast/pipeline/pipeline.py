@@ -78,6 +78,10 @@ class Pipeline:
             self.components.loras.unload()
 
     def _adapters(self, source: str):
+        if self.components.loras is None and self.runtime.precision != "bf16":
+            raise CVFastInputError(f"{source}: a LoRA cannot be merged into FP8 weights (precision="
+                                   f"{self.runtime.precision!r}); load with precision='bf16' or 'fp8-attention' "
+                                   "to use LoRAs")
         if self.components.loras is None:
             raise CVFastInputError(f"{source}: a LoRA cannot be merged into a TensorRT engine; merge it into the "
                                    "model (load_lora on a PyTorch pipeline), then build the engine from that")

@@ -17,10 +17,12 @@ __all__ = ["Runtime", "Offload"]
 class Runtime:
     """What the assembler decided about running a pipeline; fixed for the pipeline's life.
     cuda_graph, cache: generate()'s defaults (`cvfast.load`); parallel: this rank's place in a
-    parallel job, or None."""
+    parallel job, or None; precision: "bf16" (unquantized, in `dtype`), or the 8-bit parts of the
+    denoiser (`cvfast.ops.quantized.PRECISIONS`)."""
     device: torch.device
     dtype: torch.dtype
     offload: Offload
     cuda_graph: bool | str = "auto"
     parallel: ParallelContext | None = None
     cache: object = None
+    precision: str = "bf16"
