@@ -206,3 +206,9 @@ def test_fp8_weight_memory_at_real_sizes(variant, ratio):
         bf16 = weight_bytes(model)
         quantize_linears(model)
     assert weight_bytes(model) / bf16 == pytest.approx(ratio, abs=0.001)
+
+
+def test_no_onnx_export_of_fp8_weights(tmp_path):
+    with pytest.raises(CVFastInputError, match="precision='bf16', not 'fp8'"):
+        cvfast.export_onnx(cvfast.load("tiny", precision="fp8"), tmp_path, frames=9, height=64, width=96)
+    assert not any(tmp_path.iterdir())

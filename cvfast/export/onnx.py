@@ -221,6 +221,9 @@ def export_onnx(pipe, out_dir, *, frames: int, height: int, width: int, batch: i
     if pipe.parallel is not None:
         raise bad_arg("pipe", pipe.name, "a pipeline loaded without parallel=...: the export traces one process's "
                       "whole transformer, not a rank's share of it")
+    if pipe.runtime.precision != "bf16":
+        raise bad_arg("pipe", pipe.name, f"a pipeline loaded with precision='bf16', not {pipe.runtime.precision!r}: "
+                      "the ONNX graph and TensorRT engines carry unquantized weights")
     frames, height, width, batch, dt, text_len = check_arguments(pipe, frames, height, width, batch, dtype, text_len,
                                                              allow_untrained_size)
     if isinstance(external_data_threshold_bytes, bool) or not isinstance(external_data_threshold_bytes, int) \

@@ -71,7 +71,7 @@ def resolve(backend: str, device: torch.device | str) -> OpSet:
     if backend not in BACKEND_CHOICES:
         raise bad_arg("backend", backend, f"one of {BACKEND_CHOICES}")
     if backend == "reference":
-        return OpSet({op: reference_impl(op) for op in OP_NAMES})
+        return OpSet({op: reference_impl(op) for op in OP_NAMES}, required="reference")
     if backend != "auto":
         return _resolve_one(backend, device)
     chosen, skipped = {}, {}

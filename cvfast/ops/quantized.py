@@ -166,20 +166,22 @@ def check_precision(precision: str, device: torch.device, dtype: torch.dtype) ->
 def quantized(opset: OpSet, precision: str, device: torch.device) -> OpSet:
     """The OpSet a denoiser at `precision` runs with on `device` (bf16: `opset` itself): `fp8_linear`
     added for the FP8 linears, `joint_attention` replaced by the 8-bit attention. The fast backend
-    comes first where it runs on the device, the emulation last."""
-    impls = {}
+    comes first where it runs on the device, the emulation last; with backend="reference" only the
+    emulations (the oracle)."""
+    impls, oracle = {}, opset.required == "reference"
     if precision in ("fp8", "fp8-linear"):
-        impls["fp8_linear"] = [Impl("scaled-mm", scaled_mm_linear, devices=("cuda",), min_capability=FP8_CAPABILITY,
-                                    why_not=scaled_mm_why_not),
-                               Impl("fp8-emulated", fp8_linear, dtypes=FLOAT_DTYPES)]
+        emulated = Impl("fp8-emulated", fp8_linear, dtypes=FLOAT_DTYPES)
+        impls["fp8_linear"] = [emulated] if oracle else [
+            Impl("scaled-mm", scaled_mm_linear, devices=("cuda",), min_capability=FP8_CAPABILITY,
+                 why_not=scaled_mm_why_not), emulated]
     if precision in ("fp8", "fp8-attention"):
         emulated = Impl("int8-emulated", functools.partial(joint_attention, attend=quantized_attention),
                         dtypes=FLOAT_DTYPES)
         kernel = triton_impl(functools.partial(joint_attention, attend=triton_quantized_attention), quantized_why_not,
                              "triton-int8", FP8_CAPABILITY)
         # As for every op: the CPU runs Triton (under its interpreter) only when backend="triton" asks.
-        impls["joint_attention"] = [kernel, emulated] if device.type == "cuda" or opset.required == "triton" \
-            else [emulated]
+        impls["joint_attention"] = [kernel, emulated] if not oracle and (device.type == "cuda" or
+                                                                         opset.required == "triton") else [emulated]
     runnable = {}
     for op, candidates in impls.items():
         runnable[op] = [impl for impl in candidates if not impl.device_reasons(device)]
