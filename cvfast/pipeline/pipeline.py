@@ -24,6 +24,7 @@ from ..runtime import Runtime
 from ..sampler import cache as step_cache
 from ..sampler import graph, loop, schedulers
 from ..sampler.static_step import OFS
+from .call import StepEnd, call_output, call_size, check_call, per_video
 from .components import Components
 from .media import to_vae_input
 from .request import Request, Text, validate, validate_text
@@ -44,6 +45,13 @@ class Pipeline:
         # What the sampler step calls: the transformer, or a CFG-parallel rank's share of it.
         self.denoiser = self.transformer if self.parallel is None else self.parallel.denoiser(self.transformer)
         self.graphs: graph.GraphCache | None = None  # the step graphs, made on first use (cuda_graph)
+        # diffusers' interrupt flag: a callback_on_step_end sets it to end the call's loop; each call clears it.
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether a callback asked the running call to stop after its step (diffusers' `interrupt`)."""
+        return self._interrupt
 
     @property
     def config(self) -> TransformerConfig:
@@ -136,17 +144,27 @@ class Pipeline:
         return self.encode_prompts(validate_text(self.components, prompt, negative_prompt, None, None,
                                                  guidance_scale, max_sequence_length))
 
-    def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+    def randn(self, shape, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Gaussian noise drawn on the generator's device in the pipeline dtype, then moved: what
-        diffusers' randn_tensor does, so a CPU generator gives the same numbers on every device."""
+        diffusers' randn_tensor does, so a CPU generator gives the same numbers on every device. A
+        list of generators draws one batch element from each, in order (as randn_tensor does)."""
+        if isinstance(generator, list):
+            return torch.cat([self.randn((1, *shape[1:]), g) for g in generator])
         return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
 
-    def encode_frames(self, req: Request, generator: torch.Generator) -> torch.Tensor:
+    def encode_frames(self, req: Request, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """The conditioning frames through the VAE encoder and a posterior draw, as the sampler's
-        latents (1, latent_frames, C, h, w) in the pipeline dtype (`CogVideoXVAE.encode_latents`)."""
+        latents (1, latent_frames, C, h, w) in the pipeline dtype (`CogVideoXVAE.encode_latents`);
+        with a list of generators one draw (and batch element) per generator."""
         self._use("vae")
         x = to_vae_input("image" if req.mode == "i2v" else "video", req.frames, req.height, req.width,
                          self.device, self.vae.dtype)
+        generators = generator if isinstance(generator, list) else [generator]
+        return torch.cat([self.encode_draw(x, req, g) for g in generators])
+
+    def encode_draw(self, x: torch.Tensor, req: Request, generator: torch.Generator) -> torch.Tensor:
+        """One posterior draw of the VAE input x (1, 3, F, H, W) with `generator` (after the SAT
+        first-frame noise when asked): (1, latent_frames, C, h, w) in the pipeline dtype."""
         if req.image_noise_sigma is not None:
             # The SAT engine's first-frame augmentation: Gaussian pixel noise with a log-normal sigma
             # (log sigma ~ N(-3, 0.5)), or a fixed sigma.
@@ -176,22 +194,23 @@ class Pipeline:
             return noise, None
         # The image is the first latent frame; the rest of the conditioning is zeros. (1.5 models pad
         # the latent count to a multiple of their temporal patch, so no extra front padding.)
-        cond = torch.cat((encoded, encoded.new_zeros(1, shape[1] - 1, *encoded.shape[2:])), dim=1)
+        cond = torch.cat((encoded, encoded.new_zeros(encoded.shape[0], shape[1] - 1, *encoded.shape[2:])), dim=1)
         return noise, cond.expand(req.batch, -1, -1, -1, -1)
 
-    def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: Request, generator: torch.Generator,
-                callback: Callable | None, progress: bool, cond: torch.Tensor | None = None,
+    def denoise(self, latents: torch.Tensor, text: torch.Tensor, req: Request, generator,
+                on_step: Callable | None, progress: bool, cond: torch.Tensor | None = None,
                 graphs: graph.GraphCache | None = None, cache: step_cache.CacheRun | None = None) -> torch.Tensor:
         """latents (B, F, C, h, w) -> denoised latents, same shape and dtype, through `sampler.loop`.
         cond: image latents concatenated on channels at every step (image-to-video); graphs: the
         CUDA-graph cache to replay the step from (`cvfast/sampler/graph.py`), or None (eager); cache:
-        a step cache's run (`cvfast/sampler/cache.py`), its schedule set here and its record filled."""
+        a step cache's run (`cvfast/sampler/cache.py`), its schedule set here and its record filled;
+        on_step: as `sampler.loop.denoise` takes it."""
         self._use("transformer")
         plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
         if cache is not None:
             cache.schedule = self.cache_schedule(cache.policy, plan, text.shape[0])
         return loop.denoise(self.denoiser, latents, text, cond, plan, req.guidance, req.dynamic_cfg,
-                            lambda: self.randn(latents.shape, generator), graphs=graphs, callback=callback,
+                            lambda: self.randn(latents.shape, generator), graphs=graphs, on_step=on_step,
                             progress=progress, label=f"{self.name} ({self.config.variant})", cache=cache)
 
     def cache_schedule(self, policy, plan: schedulers.StepPlan, rows: int) -> list[bool] | None:
@@ -245,7 +264,42 @@ class Pipeline:
             self.graphs = graph.GraphCache(lambda step: graph.capture_cuda(step, self.device))
         return self.graphs
 
-    # -- the public call ----------------------------------------------------------------------
+    # -- the public calls ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, num_inference_steps: int = 50, timesteps=None,
+                 guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, num_videos_per_prompt: int = 1,
+                 eta: float = 0.0, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, attention_kwargs: dict | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 226, *, image=None, video=None, strength: float = 0.8):
+        """diffusers' CogVideoX pipelines' call, with their names, defaults and outputs
+        (`cvfast/pipeline/call.py` says where it differs): `PipelineOutput(frames)`, or `(frames,)`
+        with return_dict=False. image: image-to-video models; video, strength: video-to-video.
+        `generate()` is cvfast's own call (seeds, timings, caches, CUDA graphs); both run `run`."""
+        videos = check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwargs, return_dict)
+        mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
+        num_frames, height, width = call_size(self.config, self.vae.config, mode, num_frames, height, width)
+        req = self.request(per_video(prompt, videos), negative_prompt=per_video(negative_prompt, videos),
+                           prompt_embeds=per_video(prompt_embeds, videos),
+                           negative_prompt_embeds=per_video(negative_prompt_embeds, videos), image=image, video=video,
+                           strength=strength, num_frames=num_frames, height=height, width=width,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           use_dynamic_cfg=use_dynamic_cfg, generator=generator, latents=latents,
+                           max_sequence_length=max_sequence_length, output_type="np" if output_type == "pil" else
+                           output_type)
+        on_step = None
+        if callback_on_step_end is not None:
+            if self.parallel is not None:
+                raise bad_arg("callback_on_step_end", "a callback", "None in a parallel job (each rank holds its "
+                              "own latents: an edit on one rank would split them)")
+            on_step = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs, req.batch,
+                              req.guidance > 1.0)
+        self._interrupt = False
+        result = self.run(req, None, generator, latents, on_step, progress=True)
+        return None if result is None else call_output(result.frames, output_type, return_dict)
 
     @torch.no_grad()
     def generate(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
@@ -286,21 +340,28 @@ class Pipeline:
                            max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
                            output_type=output_type, allow_untrained_size=allow_untrained_size,
                            cuda_graph=cuda_graph, cache=cache)
-        if self.parallel is None:
-            return self._generate(req, seed, generator, latents, callback, progress)
-        with self.parallel.scope():
-            return self._generate(req, seed, generator, latents, callback, progress)
+        on_step = None if callback is None else (lambda i, t, buf: callback(i, t, buf.latents))
+        return self.run(req, seed, generator, latents, on_step, progress)
 
-    def _generate(self, req: Request, seed: int | None, generator: torch.Generator | None,
-                  latents: torch.Tensor | None, callback: Callable | None, progress: bool) -> GenerationResult | None:
-        """The work of a validated `generate` call (on a parallel pipeline, inside its failure scope)."""
+    def run(self, req: Request, seed: int | None, generator, latents: torch.Tensor | None, on_step: Callable | None,
+            progress: bool) -> GenerationResult | None:
+        """A validated request's generation (`generate` and the diffusers-style call share it; on a
+        parallel pipeline inside its failure scope). generator: one, a list (one per video), or None
+        (from `seed`, or a random seed); on_step: as `sampler.loop.denoise` takes it."""
+        if self.parallel is None:
+            return self._generate(req, seed, generator, latents, on_step, progress)
+        with self.parallel.scope():
+            return self._generate(req, seed, generator, latents, on_step, progress)
+
+    def _generate(self, req: Request, seed: int | None, generator, latents: torch.Tensor | None,
+                  on_step: Callable | None, progress: bool) -> GenerationResult | None:
         if generator is None:
             seed = random.randrange(2 ** 63) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
         main = self.parallel is None or self.parallel.is_main
         if self.parallel is not None:
             seed = self.parallel.same_randomness(seed, generator)
-            progress, callback = progress and main, callback if main else None
+            progress, on_step = progress and main, on_step if main else None
         stages = StageMeter(self.device)
         with stages("text_encoding"):
             text = self.encode_prompts(req.text)
@@ -311,7 +372,7 @@ class Pipeline:
         cache = step_cache.CacheRun(req.cache) if req.cache is not None else None
         with stages("denoising"):
             latents, cond = self.initial_latents(req, generator, latents, encoded)
-            latents = self.denoise(latents, text, req, generator, callback, progress, cond,
+            latents = self.denoise(latents, text, req, generator, on_step, progress, cond,
                                    self.graph_cache() if req.cuda_graph else None, cache)
         fps, report = self.defaults["fps"], cache.report() if cache is not None else None
         if req.output_type == "latent":

@@ -138,6 +138,19 @@ def check_condition(components: Components, image, video, strength, image_noise_
     return "v2v", frames, schedulers.first_step(steps, strength)
 
 
+def check_generator(generator, videos: int, runtime: Runtime) -> None:
+    """None, a torch.Generator, or a list of `videos` of them: video k's noise from generator k."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    described = f"a list of {len(generator)}" if isinstance(generator, (list, tuple)) else type(generator).__name__
+    if not isinstance(generator, list) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise bad_arg("generator", described, f"a torch.Generator or a list of {videos} (one per video)")
+    if len(generator) != videos:
+        raise bad_arg("generator", described, f"one generator per video: {videos} (prompts x num_videos_per_prompt)")
+    if runtime.parallel is not None:
+        raise bad_arg("generator", described, "one torch.Generator in a parallel job (rank 0's state is every rank's)")
+
+
 def validate(components: Components, runtime: Runtime, *, prompt=None, negative_prompt=None, prompt_embeds=None,
              negative_prompt_embeds=None, image=None, image_noise_sigma=None, video=None, strength=0.8,
              num_frames=None, height=None, width=None, num_inference_steps=50, guidance_scale=6.0,
@@ -173,8 +186,7 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                              or not 0 <= seed < 2 ** 64):
         raise bad_arg("seed", seed, "an integer from 0 to 2**64 - 1 (what torch.Generator.manual_seed takes)")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise bad_arg("generator", generator, "a torch.Generator")
+    check_generator(generator, text.batch, runtime)
     shape = latent_shape(cfg, vae, num_frames, height, width)
     if isinstance(components.transformer, TensorRTTransformer):  # the engine's size and batch
         components.transformer.check_request(shape, text.max_len, text.batch * (2 if text.guidance > 1 else 1))

@@ -33,7 +33,7 @@ def guidance_scales(plan: schedulers.StepPlan, guidance: float, dynamic: bool) -
 
 def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None,
             plan: schedulers.StepPlan, guidance: float, dynamic: bool, draw: Callable[[], torch.Tensor], *,
-            graphs: graph.GraphCache | None = None, callback: Callable | None = None, progress: bool = False,
+            graphs: graph.GraphCache | None = None, on_step: Callable | None = None, progress: bool = False,
             label: str = "the model", cache: CacheRun | None = None) -> torch.Tensor:
     """latents (B, F, C, h, w) -> denoised latents, same shape and dtype.
 
@@ -43,8 +43,9 @@ def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Ten
     Gaussian draw of the latents' shape (the DPM noise, all drawn before the first step). Each step
     runs over buffers allocated once for the call, or with `graphs` once per cached shape, whose step
     (each variant of it, with a cache) is then captured and replayed. cache: a step cache's run
-    (`cache.py`), which records the steps that computed. callback(step, timestep, latents) after each
-    step, latents being the loop's buffer (overwritten by the next step). Raises NonFiniteLatentsError
+    (`cache.py`), which records the steps that computed. on_step(step, timestep, buffers) after each step may
+    read and overwrite the buffers (`static_step.StepBuffers`: the latents, the text embeddings)
+    before the next step runs; when it returns True the loop ends there. Raises NonFiniteLatentsError
     (naming `label`) when the latents became NaN/Inf, after the loop (one device read)."""
     copies = 2 if guidance > 1.0 else 1
     shape = static_step.StepShape.of(latents, text, cond, copies, len(plan.timesteps_host),
@@ -66,8 +67,8 @@ def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Ten
             run(functools.partial(static_step.run_step, buf, denoiser))
         else:
             cache.record(i, cached_step(buf, denoiser, cache, i, run))
-        if callback is not None:
-            callback(i, plan.timesteps_host[i], buf.latents)
+        if on_step is not None and on_step(i, plan.timesteps_host[i], buf):
+            break
     bad_step = int(buf.first_bad)
     if bad_step >= 0:
         raise NonFiniteLatentsError(
