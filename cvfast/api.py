@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .build import build
 from .checkpoints import open_checkpoint
-from .core.checks import check_fp16, resolve_device, resolve_dtype
+from .core.checks import check_fp16, positive_int, resolve_device, resolve_dtype
 from .core.errors import CVFastInputError, bad_arg
 from .models.config import TransformerConfig
 from .ops import resolve
@@ -21,12 +21,12 @@ from .video import check_video_path, save_video, video_paths
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
-         parallel=None, engine=None, cache=None, precision: str = "bf16") -> Pipeline:
+         parallel=None, engine=None, cache=None, precision: str = "bf16", torch_dtype=None) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
     seeded random-weight model of the real architecture; its video is noise). device: default CUDA
-    when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
+    when present, else CPU. dtype (or diffusers' torch_dtype): default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
     "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep
     the components on the CPU and bring each to the device only while it runs (text encoder,
     transformer, VAE). cuda_graph: generate()'s default: False, True (replay each denoising step
@@ -46,6 +46,10 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     devices of compute capability 8.9 or more in bf16, and emulated (the same roundings, fp32 matmuls)
     on the CPU; `pipe.backends()` names the quantized ops' backends. FP8 linears take no LoRA.
     """
+    if torch_dtype is not None:  # diffusers' name for it
+        if dtype is not None and dtype != torch_dtype:
+            raise bad_arg("torch_dtype", torch_dtype, f"None or the same as dtype={dtype} (they name one setting)")
+        dtype = torch_dtype
     config = par.parse(parallel)
     if config is not None:
         par.check_launch(config, offload, cuda_graph)
@@ -119,12 +123,14 @@ def check_loras(paths, precision: str) -> None:
 def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,
              backend: str = "auto", allow_fp16: bool = False, offload: str = "none", loras=(),
              base=None, trust_pickle: bool = False, parallel=None, engine=None, precision: str = "bf16",
-             **kwargs) -> GenerationResult | None:
+             fps: int | None = None, **kwargs) -> GenerationResult | None:
     """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
     when `out` is not None, write the video there (.mp4, .webm or .gif; several prompts: one file each,
-    `video_paths(out, n)`: v-0.mp4, v-1.mp4, ...). `out` and the LoRA files are checked before the
-    model loads. parallel: as in `load`; then rank 0 writes the videos and returns the result, the
+    `video_paths(out, n)`: v-0.mp4, v-1.mp4, ...) at `fps` frames per second (default the model's).
+    `out`, `fps` and the LoRA files are checked before the model loads. parallel: as in `load`; then rank 0 writes the videos and returns the result, the
     other ranks return None."""
+    if fps is not None:
+        positive_int("fps", fps)
     if out is not None:
         check_video_path(out)
         if kwargs.get("output_type", "np") == "latent":
@@ -137,5 +143,5 @@ def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "vi
     result = pipe.generate(prompt, **kwargs)
     if out is not None and result is not None:
         for frames, path in zip(result.frames, video_paths(out, len(result.frames))):
-            save_video(frames, path, fps=result.fps)
+            save_video(frames, path, fps=fps or result.fps)
     return result

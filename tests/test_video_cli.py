@@ -60,10 +60,35 @@ def test_one_call_generate_writes_mp4(tmp_path):
 def test_cli_generate(tmp_path):
     out = tmp_path / "cli.mp4"
     proc = subprocess.run([sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--steps", "2",
-                           "--seed", "1", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+                           "--seed", "1", "--out", str(out), "--no-progress", "--fps", "24"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and "denoising" in proc.stdout and "decoding" in proc.stdout
-    assert read_mp4(out)[1].shape == (9, 64, 96, 3)
+    assert "24 fps" in proc.stdout
+    meta, frames = read_mp4(out)
+    assert frames.shape == (9, 64, 96, 3) and meta["fps"] == 24
+
+
+def test_fps_is_checked_before_the_model_loads(tmp_path):
+    with pytest.raises(CVFastInputError, match="fps=0"):
+        cvfast.generate("a cat", model=str(tmp_path / "no-such-model"), out=tmp_path / "x.mp4", fps=0)
+
+
+def test_version_and_defaults_in_help(capsys):
+    from cvfast.cli.main import main
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"cvfast {cvfast.__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "denoising steps (default: 50)" in shown and "(default: video.mp4)" in shown
+
+
+def test_torch_dtype_is_dtype():
+    assert cvfast.load("tiny", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(CVFastInputError, match="torch_dtype"):
+        cvfast.load("tiny", dtype=torch.float32, torch_dtype=torch.bfloat16)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +25,28 @@ from .report import run
 CALIBRATION_PROMPT = "a red panda eating bamboo in a misty forest, slow camera pan"
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help shows each option's default where it has one its help does not already state."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvfast", description="CogVideoX inference")
+    parser.add_argument("--version", action="version", version=f"cvfast {metadata.version('cvfast')}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every command's parser (export's too, made through `sub`) shows its defaults.
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsShown)
     gen = sub.add_parser("generate", help="generate a video from a prompt")
     gen.add_argument("--model", default="tiny", help="model folder, hub id, or 'tiny' (default)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="what the video shows")
     gen.add_argument("--out", default="video.mp4", help="output video: .mp4 (H.264), .webm (VP9) or .gif")
+    gen.add_argument("--fps", type=int, default=None, help="frames per second of the video written (default: "
+                     "the model's: 8 for CogVideoX 1.0, 16 for 1.5)")
     gen.add_argument("--cache", default=None, metavar="SPEC",
                      help="step cache: teacache[:T], fbcache[:T] or magcache:T:RATIOS.json (see calibrate-cache)")
     _add_run_arguments(gen)
@@ -54,19 +71,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     """How to load the model and what to generate: the arguments generate and calibrate-cache share."""
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="what it should not show (default: none)")
     gen.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=6.0)
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
+    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (<= 1: none)")
     gen.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule")
     gen.add_argument("--seed", type=seed_value, default=None, help="0 to 2**64 - 1 (default: a random one)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
     gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
-    gen.add_argument("--allow-fp16", action="store_true")
+    gen.add_argument("--allow-fp16", action="store_true", help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
     gen.add_argument("--precision", default="bf16", choices=PRECISIONS,
                      help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
                           "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
@@ -83,8 +100,8 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--lora", action="append", default=[], metavar="PATH",
                      help="a LoRA merged into the weights (repeatable): diffusers/PEFT .safetensors, or SAT "
                           "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
-    gen.add_argument("--lora-scale", type=float, default=1.0)
-    gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="the scale of every --lora")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
                      help="spread one video over the ranks of a torchrun job (torchrun --nproc-per-node C*U -m "
                           "cvfast generate ...): CFG branches on C in {1, 2} ranks, video tokens over U ranks")
@@ -171,11 +188,11 @@ def generate_arguments(args) -> dict:
 
 def run_generate(args) -> int:
     result = generate(args.prompt, model=args.model, out=args.out, loras=[(path, args.lora_scale) for path in args.lora],
-                      cache=args.cache, **load_arguments(args), **generate_arguments(args))
+                      cache=args.cache, fps=args.fps, **load_arguments(args), **generate_arguments(args))
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
     if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
         return 0
-    print(f"wrote {args.out} (seed {result.seed})")
+    print(f"wrote {args.out} (seed {result.seed}, {args.fps or result.fps} fps)")
     print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in result.timings.items()))
     if result.cache is not None:
         print(f"{result.cache['policy']}: {len(result.cache['computed_steps'])} of "
