@@ -343,7 +343,7 @@ def test_cli_reports_a_bad_parallel_value(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     from cvfast.cli import main
     assert main(["generate", "--prompt", "x", "--parallel", "cfg=3", "--out", "x.mp4"]) == 2
-    assert "parallel='cfg=3' is not accepted" in capsys.readouterr().err
+    assert "--parallel 'cfg=3' is not accepted" in capsys.readouterr().err
 
 
 def test_export_refuses_a_parallel_pipeline():

@@ -95,7 +95,36 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cvfast", "generate", "--prompt", "a cat", "--frames", "10",
                            "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "num_frames=10" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--frames 10 is not accepted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cogvideo_cli_demo_command_line_runs_unchanged(tmp_path):
+    """CogVideo's inference/cli_demo.py flags, with no command (the program name aside)."""
+    out = tmp_path / "demo.mp4"
+    proc = subprocess.run([sys.executable, "-m", "cvfast", "--prompt", "a cat", "--model_path", "tiny",
+                           "--output_path", str(out), "--num_inference_steps", "2", "--guidance_scale", "6.0",
+                           "--num_frames", "9", "--width", "96", "--height", "64", "--fps", "8",
+                           "--generate_type", "t2v", "--dtype", "float32", "--seed", "42"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}: 1 video of 9 frames at 64x96, 8 fps (seed 42)" in proc.stdout
+    assert "note: no --model" not in proc.stderr
+    assert read_mp4(out)[1].shape == (9, 64, 96, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_frames", "10"], "--num_frames 10 is not accepted"),
+    (["--generate_type", "i2v"], "--generate_type i2v is not accepted: without --image_or_video_path"),
+    (["--image_or_video_path", "x.png"], "--image_or_video_path 'x.png' is not accepted: with --generate_type"),
+])
+def test_cli_errors_name_the_flag_as_typed(tmp_path, args, message):
+    proc = cli("--out", str(tmp_path / "x.mp4"), *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_says_when_the_tiny_model_stands_in(tmp_path):
+    proc = cli("--out", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 0 and "note: no --model given" in proc.stderr and "noise" in proc.stderr
 
 
 def cli(*args):

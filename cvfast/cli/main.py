@@ -5,6 +5,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -42,9 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     # Every command's parser (export's too, made through `sub`) shows its defaults.
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsShown)
     gen = sub.add_parser("generate", help="generate a video from a prompt")
-    gen.add_argument("--model", default="tiny", help="model folder, hub id, or 'tiny' (default)")
+    gen.add_argument(*FLAGS["model"], dest="model", default=None,
+                     help="model folder or hub id (e.g. THUDM/CogVideoX-5b); 'tiny': the embedded random-weight model "
+                          "(the default, with a notice: its video is noise)")
     gen.add_argument("--prompt", required=True, help="what the video shows")
-    gen.add_argument("--out", default="video.mp4", help="output video: .mp4 (H.264), .webm (VP9) or .gif")
+    gen.add_argument(*FLAGS["out"], dest="out", default="video.mp4",
+                     help="output video: .mp4 (H.264), .webm (VP9) or .gif")
+    gen.add_argument("--generate_type", "--generate-type", dest="generate_type", choices=["t2v", "i2v", "v2v"],
+                     default=None, help="CogVideo cli_demo's mode flag: i2v and v2v take --image_or_video_path")
+    gen.add_argument("--image_or_video_path", "--image-or-video-path", dest="image_or_video_path", default=None,
+                     help="cli_demo's conditioning file: the image (i2v) or video (v2v)")
     gen.add_argument("--fps", type=int, default=None, help="frames per second of the video written (default: "
                      "the model's: 8 for CogVideoX 1.0, 16 for 1.5)")
     gen.add_argument("--cache", default=None, metavar="SPEC",
@@ -69,21 +77,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags of generate()'s arguments: cvfast's name first, then the name CogVideo's inference/cli_demo.py
+# gives it (its command lines run unchanged). An error naming a Python argument is reported with the
+# flag the user typed (`flag_message`).
+FLAGS = {"model": ("--model", "--model_path"), "out": ("--out", "--output_path"),
+         "num_frames": ("--frames", "--num_frames"), "num_inference_steps": ("--steps", "--num_inference_steps"),
+         "guidance_scale": ("--guidance", "--guidance_scale"), "lora": ("--lora", "--lora_path"),
+         "negative_prompt": ("--negative-prompt", "--negative_prompt"), "height": ("--height",),
+         "width": ("--width",), "seed": ("--seed",), "dtype": ("--dtype",), "device": ("--device",),
+         "backend": ("--backend",), "engine": ("--engine",), "precision": ("--precision",), "fps": ("--fps",),
+         "offload": ("--offload",), "cache": ("--cache",), "strength": ("--strength",), "base": ("--base",),
+         "image_noise_sigma": ("--image-noise-sigma",), "parallel": ("--parallel",), "prompt": ("--prompt",)}
+
+
+def flag_message(message: str, argv: list[str]) -> str:
+    """An error message that begins `name=value is not accepted` for a Python argument with a flag,
+    begun instead with the flag as typed in argv: `--frames 10 is not accepted`."""
+    name, sep, rest = message.partition("=")
+    if not sep or name not in FLAGS:
+        return message
+    typed = next((flag for flag in FLAGS[name] for token in argv if token == flag or token.startswith(flag + "=")),
+                 FLAGS[name][0])
+    return f"{typed} {rest}"
+
+
 def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     """How to load the model and what to generate: the arguments generate and calibrate-cache share."""
-    gen.add_argument("--negative-prompt", default=None, help="what it should not show (default: none)")
-    gen.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's)")
+    gen.add_argument(*FLAGS["negative_prompt"], dest="negative_prompt", default=None,
+                     help="what it should not show (default: none)")
+    gen.add_argument(*FLAGS["num_frames"], dest="frames", type=int, default=None,
+                     help="number of frames (default: the model's)")
     gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
-    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (<= 1: none)")
+    gen.add_argument(*FLAGS["num_inference_steps"], dest="steps", type=int, default=50, help="denoising steps")
+    gen.add_argument(*FLAGS["guidance_scale"], dest="guidance", type=float, default=6.0,
+                     help="classifier-free guidance scale (<= 1: none)")
     gen.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule")
     gen.add_argument("--seed", type=seed_value, default=None, help="0 to 2**64 - 1 (default: a random one)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
     gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
-    gen.add_argument("--allow-fp16", action="store_true", help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
+    gen.add_argument("--allow-fp16", action="store_true",
+                     help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
     gen.add_argument("--precision", default="bf16", choices=PRECISIONS,
                      help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
                           "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
@@ -97,7 +133,7 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
     gen.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                      help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH",
+    gen.add_argument(*FLAGS["lora"], dest="lora", action="append", default=[], metavar="PATH",
                      help="a LoRA merged into the weights (repeatable): diffusers/PEFT .safetensors, or SAT "
                           "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="the scale of every --lora")
@@ -186,13 +222,37 @@ def generate_arguments(args) -> dict:
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
 
 
+def cli_demo_condition(args) -> None:
+    """cli_demo's --generate_type and --image_or_video_path as --image / --video."""
+    path, mode = args.image_or_video_path, args.generate_type
+    if path is not None and mode in (None, "t2v"):
+        raise CVFastInputError(f"--image_or_video_path {path!r} is not accepted: with --generate_type i2v or v2v")
+    if mode in ("i2v", "v2v"):
+        flag = "image" if mode == "i2v" else "video"
+        given = getattr(args, flag)
+        if path is not None and given is not None:
+            raise CVFastInputError(f"--image_or_video_path {path!r} is not accepted: --{flag} is given too")
+        if path is None and given is None:
+            raise CVFastInputError(f"--generate_type {mode} is not accepted: without --image_or_video_path "
+                                   f"(or --{flag})")
+        setattr(args, flag, given or path)
+
+
 def run_generate(args) -> int:
+    cli_demo_condition(args)
+    arguments = generate_arguments(args)  # reads --image / --video first: a bad file is the only message
+    if args.model is None:
+        print("cvfast: note: no --model given: generating with the embedded tiny model, whose weights are random "
+              "(its video is noise); pass --model THUDM/CogVideoX-5b or a model folder", file=sys.stderr)
+        args.model = "tiny"
     result = generate(args.prompt, model=args.model, out=args.out, loras=[(path, args.lora_scale) for path in args.lora],
-                      cache=args.cache, fps=args.fps, **load_arguments(args), **generate_arguments(args))
+                      cache=args.cache, fps=args.fps, **load_arguments(args), **arguments)
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
     if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
         return 0
-    print(f"wrote {args.out} (seed {result.seed}, {args.fps or result.fps} fps)")
+    videos = result.frames
+    print(f"wrote {args.out}: {len(videos)} video{'s' if len(videos) > 1 else ''} of {videos.shape[1]} frames at "
+          f"{videos.shape[2]}x{videos.shape[3]}, {args.fps or result.fps} fps (seed {result.seed})")
     print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in result.timings.items()))
     if result.cache is not None:
         print(f"{result.cache['policy']}: {len(result.cache['computed_steps'])} of "
@@ -255,17 +315,31 @@ def precision_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def with_flags(command, argv: list[str], args) -> int:
+    """command(args), its input errors naming the flags as typed (`flag_message`)."""
+    try:
+        return command(args)
+    except CVFastInputError as exc:
+        renamed = flag_message(str(exc), argv)
+        if renamed == str(exc):
+            raise
+        raise type(exc)(renamed) from None
+
+
 COMMANDS = {"generate": run_generate, "calibrate-cache": run_calibrate, "convert-sat": run_convert_sat,
             "check-precision": run_check_precision, "export": export.run}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["generate", *argv]  # cli_demo's command lines have no command: they generate
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
     logger = logging.getLogger("cvfast")
     logger.addHandler(handler)
     try:
-        return run(COMMANDS[args.command], args)
+        return run(functools.partial(with_flags, COMMANDS[args.command], argv), args)
     finally:  # main() called twice in one process (tests, notebooks) prints each line once
         logger.removeHandler(handler)
