@@ -1,4 +1,5 @@
 """The mp4 writer, the one-call API and the command line."""
+import json
 import subprocess
 import sys
 
@@ -163,3 +164,48 @@ def test_cli_cuda_graph_without_cuda_is_one_clear_line(tmp_path):
         pytest.skip("this machine has CUDA: the graph would run")
     proc = cli("--cuda-graph", "on", "--out", str(tmp_path / "x.mp4"))
     assert proc.returncode == 2 and "cuda_graph=True" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_prompt_file_writes_a_video_and_sidecar_per_line_that_reproduce_alone(tmp_path):
+    from cvfast.cli.main import main
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red boat\n\na cat on a sofa\na dog running\n")
+    assert main(["generate", "--prompt-file", str(prompts), "--steps", "2", "--seed", "7", "--no-progress",
+                 "--out", str(tmp_path / "v.mp4")]) == 0
+    sidecars = [json.loads((tmp_path / f"v-{i}.mp4.json").read_text()) for i in range(3)]
+    assert [s["prompt"] for s in sidecars] == ["a red boat", "a cat on a sofa", "a dog running"]
+    assert [s["seed"] for s in sidecars] == [7, 8, 9] and sidecars[0]["model"] == "tiny"
+    alone = tmp_path / "alone.mp4"
+    assert main(["generate", "--prompt", sidecars[2]["prompt"], "--seed", str(sidecars[2]["seed"]), "--steps", "2",
+                 "--no-progress", "--out", str(alone)]) == 0
+    assert np.array_equal(read_mp4(alone)[1], read_mp4(tmp_path / "v-2.mp4")[1])
+    assert json.loads((tmp_path / "alone.mp4.json").read_text())["seed"] == 9
+
+
+def test_prompt_file_image_lines_for_image_to_video(tmp_path):
+    from PIL import Image
+    from cvfast.cli.main import main
+    from tests.fixtures import tiny_folder
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red boat@@{tmp_path / 'a.png'}\n")
+    assert main(["generate", "--model", str(tiny_folder("5b-i2v")), "--prompt-file", str(prompts), "--steps", "1",
+                 "--frames", "9", "--height", "64", "--width", "96", "--no-progress",
+                 "--out", str(tmp_path / "v.mp4")]) == 0
+    assert json.loads((tmp_path / "v.mp4.json").read_text())["condition"] == str(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("lines, args, message", [
+    (None, [], "--prompt or --prompt-file is needed, one of them: neither was given"),
+    ("a cat\n", ["--prompt", "a dog"], "both were given"),
+    ("\n\n", [], "holds no prompt"),
+    ("a cat@@missing.png\n", [], "--prompt-file image 'missing.png' cannot be read"),
+])
+def test_prompt_file_errors(tmp_path, capsys, lines, args, message):
+    from cvfast.cli.main import main
+    file_args = []
+    if lines is not None:
+        (tmp_path / "p.txt").write_text(lines)
+        file_args = ["--prompt-file", str(tmp_path / "p.txt")]
+    assert main(["generate", *file_args, *args, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()

@@ -5,6 +5,7 @@ import argparse
 import functools
 import json
 import logging
+import random
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch.distributed as dist
 
 from ..api import check_loras, generate, load
+from ..video import check_video_path, save_video, video_paths
 from ..checkpoints.convert import convert_sat
 from ..core.errors import CVFastInputError
 from ..core.files import check_writable, write_text
@@ -46,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(*FLAGS["model"], dest="model", default=None,
                      help="model folder or hub id (e.g. THUDM/CogVideoX-5b); 'tiny': the embedded random-weight model "
                           "(the default, with a notice: its video is noise)")
-    gen.add_argument("--prompt", required=True, help="what the video shows")
+    gen.add_argument("--prompt", default=None, help="what the video shows (or --prompt-file)")
+    gen.add_argument("--prompt-file", "--prompt_file", dest="prompt_file", default=None,
+                     help="one prompt per line, one video each (OUT-0.mp4, ...; SAT's 'prompt@@image' lines for "
+                          "image-to-video), line k with seed --seed + k")
     gen.add_argument(*FLAGS["out"], dest="out", default="video.mp4",
                      help="output video: .mp4 (H.264), .webm (VP9) or .gif")
     gen.add_argument("--generate_type", "--generate-type", dest="generate_type", choices=["t2v", "i2v", "v2v"],
@@ -168,15 +173,20 @@ def run_convert_sat(args) -> int:
     return 0
 
 
+def read_image(path: str, flag: str):
+    """An image file as an RGB PIL image; CVFastInputError naming `flag` when it cannot be read."""
+    from PIL import Image
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise CVFastInputError(f"{flag} {path!r} cannot be read as an image: {exc}") from None
+
+
 def _read_inputs(args) -> dict:
     """--image / --video files as generate() arguments."""
     out = {}
     if args.image is not None:
-        from PIL import Image
-        try:
-            out["image"] = Image.open(args.image).convert("RGB")
-        except OSError as exc:
-            raise CVFastInputError(f"--image {args.image!r} cannot be read as an image: {exc}") from None
+        out["image"] = read_image(args.image, "--image")
     if args.video is not None:
         import imageio_ffmpeg
         if not Path(args.video).is_file():
@@ -240,19 +250,77 @@ def cli_demo_condition(args) -> None:
 
 def run_generate(args) -> int:
     cli_demo_condition(args)
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise CVFastInputError("--prompt or --prompt-file is needed, one of them: "
+                               + ("neither was given" if args.prompt is None else "both were given"))
+    jobs = read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
     arguments = generate_arguments(args)  # reads --image / --video first: a bad file is the only message
     if args.model is None:
         print("cvfast: note: no --model given: generating with the embedded tiny model, whose weights are random "
               "(its video is noise); pass --model THUDM/CogVideoX-5b or a model folder", file=sys.stderr)
         args.model = "tiny"
+    if jobs is not None:
+        return run_prompt_file(args, jobs, arguments)
     result = generate(args.prompt, model=args.model, out=args.out, loras=[(path, args.lora_scale) for path in args.lora],
                       cache=args.cache, fps=args.fps, **load_arguments(args), **arguments)
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
     if result is None:  # a parallel job's other ranks: rank 0 wrote the video and reports
         return 0
+    report_video(args, Path(args.out), args.prompt, args.image or args.video, result)
+    return 0
+
+
+def read_prompt_file(path: str) -> list[tuple[str, str | None]]:
+    """(prompt, image path or None) per line of a prompt file; blank lines are skipped; SAT's
+    `prompt@@image` lines name the image of an image-to-video line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CVFastInputError(f"--prompt-file {path!r} cannot be read: {exc}") from None
+    jobs = []
+    for line in (line.strip() for line in lines):
+        if line:
+            prompt, _, image = line.partition("@@")
+            jobs.append((prompt.strip(), image.strip() or None))
+    if not jobs:
+        raise CVFastInputError(f"--prompt-file {path!r} is not accepted: it holds no prompt")
+    return jobs
+
+
+def run_prompt_file(args, jobs: list[tuple[str, str | None]], arguments: dict) -> int:
+    """One video per line of --prompt-file, from one loaded model: OUT-0.mp4, OUT-1.mp4, ... each with its
+    sidecar; line k's seed is --seed + k (a random base when --seed is not given)."""
+    if args.parallel is not None:
+        raise CVFastInputError(f"--prompt-file {args.prompt_file!r} is not accepted: with --parallel (run one "
+                               "job per prompt)")
+    paths = video_paths(check_video_path(args.out), len(jobs))
+    images = {image: read_image(image, "--prompt-file image") for _, image in jobs if image is not None}
+    check_loras(args.lora, args.precision)
+    pipe = load(args.model, **load_arguments(args))
+    for path in args.lora:
+        pipe.load_lora(path, args.lora_scale, trust_pickle=args.trust_pickle)
+    base = random.randrange(2 ** 63) if args.seed is None else args.seed
+    for index, ((prompt, image), path) in enumerate(zip(jobs, paths)):
+        condition = {"image": images[image]} if image is not None else {}
+        result = pipe.generate(prompt, cache=args.cache, **{**arguments, "seed": (base + index) % 2 ** 64, **condition})
+        save_video(result.frames[0], path, fps=args.fps or result.fps)
+        report_video(args, path, prompt, image, result)
+    return 0
+
+
+def report_video(args, path: Path, prompt: str, condition: str | None, result) -> None:
+    """The lines saying what was written, and its sidecar `<video>.json`: what produced it."""
     videos = result.frames
-    print(f"wrote {args.out}: {len(videos)} video{'s' if len(videos) > 1 else ''} of {videos.shape[1]} frames at "
-          f"{videos.shape[2]}x{videos.shape[3]}, {args.fps or result.fps} fps (seed {result.seed})")
+    fps = args.fps or result.fps
+    sidecar = path.with_name(path.name + ".json")
+    write_text(sidecar, json.dumps({
+        "prompt": prompt, "negative_prompt": args.negative_prompt, "condition": condition, "seed": result.seed,
+        "steps": args.steps, "guidance": args.guidance, "dynamic_cfg": args.dynamic_cfg, "model": args.model,
+        "precision": args.precision, "cache": args.cache, "frames": videos.shape[1], "height": videos.shape[2],
+        "width": videos.shape[3], "fps": fps, "cvfast": metadata.version("cvfast"),
+        "timings_s": result.timings}, indent=1) + "\n")
+    print(f"wrote {path}: {len(videos)} video{'s' if len(videos) > 1 else ''} of {videos.shape[1]} frames at "
+          f"{videos.shape[2]}x{videos.shape[3]}, {fps} fps (seed {result.seed}); what made it: {sidecar}")
     print(", ".join(f"{stage.replace('_', ' ')} {seconds:.2f} s" for stage, seconds in result.timings.items()))
     if result.cache is not None:
         print(f"{result.cache['policy']}: {len(result.cache['computed_steps'])} of "
@@ -260,7 +328,6 @@ def run_generate(args) -> int:
     if result.peak_memory_gib:
         print("peak GPU memory: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} GiB"
                                               for k, v in result.peak_memory_gib.items()))
-    return 0
 
 
 def run_calibrate(args) -> int:
