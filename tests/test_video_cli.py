@@ -209,3 +209,13 @@ def test_prompt_file_errors(tmp_path, capsys, lines, args, message):
         file_args = ["--prompt-file", str(tmp_path / "p.txt")]
     assert main(["generate", *file_args, *args, "--out", str(tmp_path / "v.mp4")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()
+
+
+def test_cli_video_to_video_on_a_12_frame_24_fps_video(tmp_path):
+    """A phone-like clip (12 frames, 24 fps, 320x240): it runs and says how it adapted the input."""
+    clip = tmp_path / "clip.mp4"
+    cvfast.save_video((np.random.default_rng(1).random((12, 240, 320, 3)) * 255).astype(np.uint8), clip, fps=24)
+    proc = cli("--video", str(clip), "--out", str(tmp_path / "v2v.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert "first 9 of 12 frames" in proc.stderr
+    assert read_mp4(tmp_path / "v2v.mp4")[1].shape == (9, 240, 320, 3)

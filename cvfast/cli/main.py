@@ -133,6 +133,9 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
                      help="first-frame noise augmentation of the SAT engine: a number or 'sample' (default off)")
     gen.add_argument("--video", default=None, help="video file: video-to-video (needs a T2V model)")
     gen.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of the schedule runs")
+    gen.add_argument("--fit", default="crop", choices=["crop", "pad", "stretch"],
+                     help="an --image or --video of another aspect than the output: its centre, black borders, "
+                          "or stretched")
     gen.add_argument("--offload", default="none", choices=["none", "model"],
                      help="'model': keep components on the CPU, each on the GPU only while it runs")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
@@ -227,7 +230,7 @@ def generate_arguments(args) -> dict:
     """The flags that say what to generate, as Pipeline.generate() arguments."""
     return dict(**_read_inputs(args), negative_prompt=args.negative_prompt, num_frames=args.frames,
                 height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress,
+                use_dynamic_cfg=args.dynamic_cfg, seed=args.seed, progress=not args.no_progress, fit=args.fit,
                 vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
 

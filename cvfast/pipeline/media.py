@@ -4,7 +4,8 @@ Accepted: PIL images; uint8 numpy arrays (H, W, 3) / (F, H, W, 3); float numpy a
 [0, 1], numpy (H, W, 3) / (F, H, W, 3), tensors (3, H, W) / (F, 3, H, W). A frame of another size is
 resized with Lanczos through PIL (diffusers does the same for PIL input, so PIL images keep the
 seed compatibility with diffusers; arrays and tensors are resized the same way rather than by
-diffusers' nearest-neighbour interpolation).
+diffusers' nearest-neighbour interpolation), after a centre crop or black padding to the target's
+aspect unless stretched (`fitted`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def _frame_to_array(name: str, frame) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+FITS = ("crop", "pad", "stretch")
+
+
 def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     if frame.shape[:2] == (height, width):
         return frame
@@ -45,6 +49,25 @@ def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     # Through 8-bit PIL, as diffusers resizes a PIL input: Lanczos, then back to [0, 1].
     img = Image.fromarray((frame * 255).round().astype(np.uint8)).resize((width, height), Image.LANCZOS)
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def fitted(frame: np.ndarray, height: int, width: int, fit: str) -> np.ndarray:
+    """A frame brought to height x width: "stretch" resizes it whatever its aspect (diffusers' way);
+    "crop" first cuts the centre of the target's aspect out of it, "pad" first adds black borders
+    around it to that aspect, so nothing is distorted."""
+    rows, cols = frame.shape[:2]
+    if fit == "stretch" or rows * width == cols * height:
+        return _resize(frame, height, width)
+    # Rows and columns the frame would have at the target's aspect, keeping its width (or height).
+    target_rows, target_cols = round(cols * height / width), round(rows * width / height)
+    if fit == "crop":
+        top, left = max(rows - target_rows, 0) // 2, max(cols - target_cols, 0) // 2
+        frame = frame[top:top + min(rows, target_rows), left:left + min(cols, target_cols)]
+    else:
+        pad_rows, pad_cols = max(target_rows - rows, 0), max(target_cols - cols, 0)
+        frame = np.pad(frame, ((pad_rows // 2, pad_rows - pad_rows // 2), (pad_cols // 2, pad_cols - pad_cols // 2),
+                               (0, 0)))
+    return _resize(frame, height, width)
 
 
 def frame_size(frame) -> tuple[int, int]:
@@ -71,8 +94,8 @@ def frames_list(name: str, value) -> list:
     return frames
 
 
-def to_vae_input(name: str, frames: list, height: int, width: int, device, dtype) -> torch.Tensor:
-    """Frames -> (1, 3, F, height, width) in [-1, 1], the VAE's input."""
-    arrays = [_resize(_frame_to_array(name, f), height, width) for f in frames]
+def to_vae_input(name: str, frames: list, height: int, width: int, device, dtype, fit: str = "stretch") -> torch.Tensor:
+    """Frames -> (1, 3, F, height, width) in [-1, 1], the VAE's input, each fitted (`fitted`)."""
+    arrays = [fitted(_frame_to_array(name, f), height, width, fit) for f in frames]
     video = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)[None]
     return (video * 2 - 1).to(device=device, dtype=dtype)

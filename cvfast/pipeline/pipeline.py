@@ -158,7 +158,7 @@ class Pipeline:
         with a list of generators one draw (and batch element) per generator."""
         self._use("vae")
         x = to_vae_input("image" if req.mode == "i2v" else "video", req.frames, req.height, req.width,
-                         self.device, self.vae.dtype)
+                         self.device, self.vae.dtype, req.fit)
         generators = generator if isinstance(generator, list) else [generator]
         return torch.cat([self.encode_draw(x, req, g) for g in generators])
 
@@ -289,7 +289,7 @@ class Pipeline:
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            use_dynamic_cfg=use_dynamic_cfg, generator=generator, latents=latents,
                            max_sequence_length=max_sequence_length, output_type="np" if output_type == "pil" else
-                           output_type)
+                           output_type, fit="stretch")
         on_step = None
         if callback_on_step_end is not None:
             if self.parallel is not None:
@@ -310,14 +310,18 @@ class Pipeline:
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
                  vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
                  progress: bool = True, allow_untrained_size: bool = False,
-                 cuda_graph: bool | str | None = None, cache=None) -> GenerationResult | None:
+                 cuda_graph: bool | str | None = None, cache=None, fit: str = "crop") -> GenerationResult | None:
         """Generate video(s) for `prompt`.
 
         image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
         (3, H, W) in [0, 1], resized to height x width when needed; image_noise_sigma: the SAT
         engine's first-frame noise augmentation (None: off, as diffusers; a float; "sample").
         video: video-to-video (T2V models): PIL frames or a uint8 array (F, H, W, 3); `strength` in
-        (0, 1] picks how much of the schedule runs. `seed=s` gives the same video as diffusers'
+        (0, 1] picks how much of the schedule runs; its first num_frames frames are used (default: as
+        many as the model takes), at its own size rounded down to what the model takes unless
+        height/width are given (a warning line says what was adapted). fit: how an image or video of
+        another aspect than height x width is fitted: "crop" (its centre), "pad" (black borders) or
+        "stretch" (resized as it is, as diffusers does). `seed=s` gives the same video as diffusers'
         pipeline for the mode called with `generator=torch.Generator("cpu").manual_seed(s)`.
         `callback(step, timestep, latents)` runs after each step; `latents` is the sampler's buffer,
         overwritten by the next step (clone it to keep it). cuda_graph: False, True or "auto"
@@ -339,7 +343,7 @@ class Pipeline:
                            use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
                            max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
                            output_type=output_type, allow_untrained_size=allow_untrained_size,
-                           cuda_graph=cuda_graph, cache=cache)
+                           cuda_graph=cuda_graph, cache=cache, fit=fit)
         on_step = None if callback is None else (lambda i, t, buf: callback(i, t, buf.latents))
         return self.run(req, seed, generator, latents, on_step, progress)
 

@@ -2,6 +2,7 @@
 naming the argument, its value and what is accepted) before any work starts."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,9 @@ from ..runtime.tensorrt import TensorRTTransformer
 from ..sampler import cache as step_cache
 from ..sampler import graph, schedulers
 from .components import Components
-from .media import frame_size, frames_list
+from .media import FITS, frame_size, frames_list
+
+logger = logging.getLogger("cvfast")
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -50,6 +53,7 @@ class Request:
     vae_tiling: bool | str = "auto"
     cuda_graph: bool = False              # replay the step from a cached CUDA graph
     cache: object = None                  # a checked step-cache policy (`sampler.cache`), or None
+    fit: str = "crop"                     # how conditioning frames of another aspect are fitted (media.FITS)
 
     @property
     def batch(self) -> int:
@@ -126,8 +130,8 @@ def check_condition(components: Components, image, video, strength, image_noise_
                       "latent frame count divisible by its temporal patch (2), which this VAE cannot decode "
                       "back to the video's frame count; use a CogVideoX 1.0 (2B/5B) model")
     frames = frames_list("video", video)
-    if num_frames is not None and num_frames != len(frames):
-        raise bad_arg("num_frames", num_frames, f"None or the video's frame count {len(frames)}")
+    if num_frames is not None and num_frames > len(frames):
+        raise bad_arg("num_frames", num_frames, f"None or at most the video's frame count {len(frames)}")
     if latents is not None:
         raise bad_arg("latents", "tensor", "None with video=: the video's latents start the denoising")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -151,11 +155,31 @@ def check_generator(generator, videos: int, runtime: Runtime) -> None:
         raise bad_arg("generator", described, "one torch.Generator in a parallel job (rank 0's state is every rank's)")
 
 
+def adapted_video(cfg, vae, frames: list, num_frames, height, width, fit: str) -> tuple[list, int, int, int]:
+    """A video-to-video input as the model takes it: its first `num_frames` frames, else as many as
+    an accepted count allows ((frames - 1) divisible by 2 x the VAE's temporal factor); unless given,
+    its own size rounded down to the size multiple. What was adapted is said in one line."""
+    step, multiple = 2 * vae.temporal_factor, vae.spatial_factor * cfg.patch_size
+    count = num_frames if num_frames is not None else len(frames) - (len(frames) - 1) % step
+    rows, cols = frame_size(frames[0])
+    height = height if height is not None else max(rows - rows % multiple, multiple)
+    width = width if width is not None else max(cols - cols % multiple, multiple)
+    said = []
+    if num_frames is None and count != len(frames):
+        said.append(f"its first {count} of {len(frames)} frames (this model takes (frames - 1) divisible by {step})")
+    if (height, width) != (rows, cols):
+        said.append(f"{height}x{width} from its {rows}x{cols} ({fit}; sizes in multiples of {multiple})")
+    if said:
+        logger.warning("cvfast: video-to-video: using %s", " and ".join(said))
+    return frames[:count], count, height, width
+
+
 def validate(components: Components, runtime: Runtime, *, prompt=None, negative_prompt=None, prompt_embeds=None,
              negative_prompt_embeds=None, image=None, image_noise_sigma=None, video=None, strength=0.8,
              num_frames=None, height=None, width=None, num_inference_steps=50, guidance_scale=6.0,
              use_dynamic_cfg=False, seed=None, generator=None, latents=None, max_sequence_length=None,
-             vae_tiling="auto", output_type="np", allow_untrained_size=False, cuda_graph=None, cache=None) -> Request:
+             vae_tiling="auto", output_type="np", allow_untrained_size=False, cuda_graph=None, cache=None,
+             fit="crop") -> Request:
     """generate()'s arguments (the same names and defaults) -> a Request, or the error of the first
     argument it cannot take."""
     cfg, vae, defaults = components.transformer.cfg, components.vae.config, components.defaults
@@ -166,11 +190,13 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
         raise bad_arg("num_inference_steps", steps, f"at most {components.scheduler.num_train_timesteps}")
     mode, frames, start = check_condition(components, image, video, strength, image_noise_sigma, latents,
                                           num_frames, steps)
-    # A video sets the frame count and, unless given, the size; otherwise the family defaults.
-    size = frame_size(frames[0]) if mode == "v2v" else (defaults["height"], defaults["width"])
-    num_frames = positive_int("num_frames", len(frames) if mode == "v2v" else pick(num_frames, defaults["num_frames"]))
-    height = positive_int("height", pick(height, size[0]))
-    width = positive_int("width", pick(width, size[1]))
+    if fit not in FITS:
+        raise bad_arg("fit", fit, f"one of {FITS}")
+    if mode == "v2v":  # the video sets the frame count and, unless given, the size
+        frames, num_frames, height, width = adapted_video(cfg, vae, frames, num_frames, height, width, fit)
+    num_frames = positive_int("num_frames", pick(num_frames, defaults["num_frames"]))
+    height = positive_int("height", pick(height, defaults["height"]))
+    width = positive_int("width", pick(width, defaults["width"]))
     check_size(cfg, vae, num_frames, height, width, image_to_video=mode == "i2v",
                allow_untrained_size=allow_untrained_size)
     if output_type not in OUTPUT_TYPES:
@@ -203,4 +229,4 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
         raise bad_arg("cache", policy.name, "None with backend='tensorrt': the engine runs the whole transformer "
                       "and does not expose its blocks' residual; use a PyTorch backend")
     return Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
-                   image_noise_sigma, start, vae_tiling, use_graph, policy)
+                   image_noise_sigma, start, vae_tiling, use_graph, policy, fit)
