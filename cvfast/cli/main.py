@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..api import check_loras, generate, load
 from ..video import check_video_path, save_video, video_paths
 from ..checkpoints.convert import convert_sat
+from ..core.checks import positive_int
 from ..core.errors import CVFastInputError
 from ..core.files import check_writable, write_text
 from ..ops.quantized import PRECISIONS
@@ -297,6 +298,8 @@ def run_prompt_file(args, jobs: list[tuple[str, str | None]], arguments: dict) -
         raise CVFastInputError(f"--prompt-file {args.prompt_file!r} is not accepted: with --parallel (run one "
                                "job per prompt)")
     paths = video_paths(check_video_path(args.out), len(jobs))
+    if args.fps is not None:
+        positive_int("fps", args.fps)
     images = {image: read_image(image, "--prompt-file image") for _, image in jobs if image is not None}
     check_loras(args.lora, args.precision)
     pipe = load(args.model, **load_arguments(args))
