@@ -9,7 +9,7 @@ TSTAMP  := $(VENV)/.cvfast-test-installed
 # which brings its own Triton. An already installed torch is never replaced.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0 triton==3.8.0)
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean gpu-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,15 @@ test: $(TSTAMP)
 	@if command -v nvcc >/dev/null 2>&1; then $(PY) csrc/nvcc_check.py; else echo "nvcc not found: CUDA sources not compiled"; fi
 	$(VENV)/bin/lint-imports
 	CVFAST_REQUIRE_TEST_EXTRAS=1 $(PY) -m pytest -q -rs tests
+
+# The prepared device script, for a lent H100/H200 (README, "Benchmarks"): one device call that carries
+# [".whl"] (diffusers and its pure-Python needs, downloaded here once) runs `make gpu-check`; its JSON
+# (and markdown) land in $OUT. The suite budgets its optional parts itself (5B e2e, fp8); the timeout
+# keeps the call under the 8 minutes a check may take.
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=/tmp/site:$$PYTHONPATH PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+		timeout 470 python3 benchmarks/run.py --suite gpu --json $${OUT:-benchmarks/results}/gpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo.mp4
