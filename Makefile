@@ -52,7 +52,7 @@ test: $(TSTAMP)
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
 	PYTHONPATH=/tmp/site:$$PYTHONPATH PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-		timeout 470 python3 benchmarks/run.py --suite gpu --json $${OUT:-benchmarks/results}/gpu.json
+		timeout 470 python3 benchmarks/run.py --suite gpu --steps 5 --json $${OUT:-benchmarks/results}/gpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo.mp4
