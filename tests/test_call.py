@@ -48,6 +48,7 @@ def test_defaults_give_diffusers_pil_video():
     got = ours("a red boat", generator=generators(7)[0], use_dynamic_cfg=True, **RUN)
     expected = theirs("a red boat", generator=generators(7)[0], use_dynamic_cfg=True, **RUN)
     assert type(got.frames) is type(expected.frames) is list and len(got.frames) == len(expected.frames) == 1
+    assert got[0] is got["frames"] is got.to_tuple()[0] is got.frames  # diffusers' output access
     assert len(got.frames[0]) == len(expected.frames[0]) and got.frames[0][0].size == expected.frames[0][0].size
     got_u8, expected_u8 = (np.stack([np.asarray(f) for f in out.frames[0]]).astype(int) for out in (got, expected))
     # Frames within 5e-5 relative L2 round to the same byte except where a value sits at a rounding edge.
