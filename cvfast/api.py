@@ -1,10 +1,11 @@
 """The front door: `load()` a model into a Pipeline, `generate()` in one call, `save_video()`."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .build import build
-from .checkpoints import open_checkpoint
+from .checkpoints import Checkpoint, open_checkpoint
 from .core.checks import check_fp16, positive_int, resolve_device, resolve_dtype
 from .core.errors import CVFastInputError, bad_arg
 from .models.config import TransformerConfig
@@ -16,12 +17,14 @@ from .runtime import parallel as par
 from .runtime.tensorrt import TensorRTTransformer, check_model, read_spec, require_tensorrt
 from .sampler import cache as step_cache
 from .sampler import graph
+from .sampler.schedulers import SCHEDULER_KINDS
 from .video import check_video_path, save_video, video_paths
 
 
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
-         parallel=None, engine=None, cache=None, precision: str = "bf16", torch_dtype=None) -> Pipeline:
+         parallel=None, engine=None, cache=None, precision: str = "bf16", torch_dtype=None,
+         scheduler: str | None = None) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -41,11 +44,15 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     engine (CUDA; its dtype is the engine's), the rest with "auto"; the transformer's weights are not
     loaded. An engine built for another model, size or precision is refused, naming which.
     cache: generate()'s default step cache (None: none; see `Pipeline.generate`), checked here.
+    scheduler: None (the model's), "ddim" or "dpm": CogVideoX's DDIM or DPM sampler with the model's
+    scheduler settings (what CogVideo's cli_demo swaps in with `from_config`).
     precision: "bf16" (the denoiser unquantized, in `dtype`), "fp8" (FP8 linears and 8-bit attention),
     "fp8-linear" or "fp8-attention" (one of the two; see `cvfast/ops/quantized.py`). FP8 runs on CUDA
     devices of compute capability 8.9 or more in bf16, and emulated (the same roundings, fp32 matmuls)
     on the CPU; `pipe.backends()` names the quantized ops' backends. FP8 linears take no LoRA.
     """
+    if scheduler not in (None, *SCHEDULER_KINDS.values()):
+        raise bad_arg("scheduler", scheduler, f"None (the model's) or one of {sorted(set(SCHEDULER_KINDS.values()))}")
     if torch_dtype is not None:  # diffusers' name for it
         if dtype is not None and dtype != torch_dtype:
             raise bad_arg("torch_dtype", torch_dtype, f"None or the same as dtype={dtype} (they name one setting)")
@@ -63,7 +70,7 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
                           "does not expose its blocks' residual")
         if precision != "bf16":
             raise bad_arg("precision", precision, "'bf16' with backend='tensorrt' (the engine fixes its own precision)")
-        return load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base)
+        return load_with_engine(model, engine, backend, dev, dtype, allow_fp16, offload, cuda_graph, base, scheduler)
     dev = par.rank_device(dev) if config is not None else dev
     dt = resolve_dtype(dtype, dev)
     check_precision(precision, dev, dt)
@@ -77,13 +84,20 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         if config is not None:
             par.check_model(config, cfg)
         step_cache.parse(cache, cfg.variant)
-    checkpoint = open_checkpoint(model, check, base=base, trust_pickle=trust_pickle)
+    checkpoint = with_scheduler(open_checkpoint(model, check, base=base, trust_pickle=trust_pickle), scheduler)
     context = par.ParallelContext(config, dev) if config is not None else None
     return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision), ops)
 
 
+def with_scheduler(checkpoint: Checkpoint, scheduler: str | None) -> Checkpoint:
+    """The checkpoint with its scheduler's kind replaced (None: as it is); the other settings stay."""
+    if scheduler is None:
+        return checkpoint
+    return dataclasses.replace(checkpoint, scheduler=dataclasses.replace(checkpoint.scheduler, kind=scheduler))
+
+
 def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, offload: str, cuda_graph,
-                     base) -> Pipeline:
+                     base, scheduler: str | None) -> Pipeline:
     """load(backend="tensorrt", engine=PATH): every check before anything heavy; the VAE and text
     encoder load as usual, the transformer's weights are not read."""
     if backend != "tensorrt":
@@ -106,7 +120,7 @@ def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, 
     def check(cfg: TransformerConfig) -> None:
         check_fp16(dt, cfg.variant, allow_fp16)
         check_model(spec, cfg, dt, engine)
-    checkpoint = open_checkpoint(model, check, transformer_weights=False)
+    checkpoint = with_scheduler(open_checkpoint(model, check, transformer_weights=False), scheduler)
     runtime = Runtime(dev, dt, Offload("none", dev), cuda_graph)
     return build(checkpoint, runtime, resolve("auto", dev), TensorRTTransformer(engine, spec, checkpoint.transformer, dev))
 
@@ -123,7 +137,7 @@ def check_loras(paths, precision: str) -> None:
 def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,
              backend: str = "auto", allow_fp16: bool = False, offload: str = "none", loras=(),
              base=None, trust_pickle: bool = False, parallel=None, engine=None, precision: str = "bf16",
-             fps: int | None = None, **kwargs) -> GenerationResult | None:
+             fps: int | None = None, scheduler: str | None = None, **kwargs) -> GenerationResult | None:
     """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
     when `out` is not None, write the video there (.mp4, .webm or .gif; several prompts: one file each,
     `video_paths(out, n)`: v-0.mp4, v-1.mp4, ...) at `fps` frames per second (default the model's).
@@ -137,7 +151,8 @@ def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "vi
             raise CVFastInputError("output_type='latent' is not accepted with out=...: latents are not a video")
     check_loras([path for path, _ in loras], precision)
     pipe = load(model, device=device, dtype=dtype, backend=backend, allow_fp16=allow_fp16, offload=offload,
-                base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine, precision=precision)
+                base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine, precision=precision,
+                scheduler=scheduler)
     for path, scale in loras:  # (path, scale) pairs merged into the transformer before generating
         pipe.load_lora(path, scale, trust_pickle=trust_pickle)
     result = pipe.generate(prompt, **kwargs)

@@ -134,3 +134,15 @@ def test_encode_text_then_embeddings_gives_the_same_video():
     from_text = pipe.generate("a cat", negative_prompt="blurry", **kw).frames
     from_embeds = pipe.generate(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], **kw).frames
     assert torch.equal(from_text, from_embeds)
+
+
+def test_scheduler_chosen_at_load_is_the_folder_with_that_scheduler():
+    """load(scheduler="dpm") on a DDIM folder samples as the same weights saved with DPM (the other
+    settings are the model's, as cli_demo's from_config swap keeps them)."""
+    kw = dict(num_inference_steps=3, seed=4, progress=False, output_type="latent", use_dynamic_cfg=True)
+    swapped = cvfast.load(tiny_folder("5b", "ddim"), scheduler="dpm")
+    assert swapped.scheduler.kind == "dpm"
+    expected = cvfast.load(tiny_folder("5b", "dpm")).generate("a red boat", **kw).frames
+    assert torch.equal(swapped.generate("a red boat", **kw).frames, expected)
+    with pytest.raises(cvfast.CVFastInputError, match="scheduler='euler'"):
+        cvfast.load("tiny", scheduler="euler")

@@ -123,6 +123,8 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
+    gen.add_argument("--scheduler", default=None, choices=["ddim", "dpm"],
+                     help="the sampler, with the model's scheduler settings (default: the model's)")
     gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
     gen.add_argument("--allow-fp16", action="store_true",
                      help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
@@ -224,7 +226,7 @@ def load_arguments(args) -> dict:
     """The flags that say how to load the model, as load() arguments."""
     return dict(device=args.device, dtype=args.dtype, backend=args.backend, allow_fp16=args.allow_fp16,
                 offload=args.offload, base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
-                parallel=args.parallel, precision=args.precision)
+                parallel=args.parallel, precision=args.precision, scheduler=args.scheduler)
 
 
 def generate_arguments(args) -> dict:
