@@ -219,3 +219,12 @@ def test_cli_video_to_video_on_a_12_frame_24_fps_video(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "first 9 of 12 frames" in proc.stderr
     assert read_mp4(tmp_path / "v2v.mp4")[1].shape == (9, 240, 320, 3)
+
+
+def test_num_videos_gives_each_video_its_own_seed(tmp_path):
+    from cvfast.cli.main import main
+    assert main(["generate", "--prompt", "a cat", "--num-videos", "2", "--seed", "3", "--steps", "2",
+                 "--no-progress", "--out", str(tmp_path / "v.mp4")]) == 0
+    seeds = [json.loads((tmp_path / f"v-{i}.mp4.json").read_text())["seed"] for i in range(2)]
+    assert seeds == [3, 4] and not np.array_equal(read_mp4(tmp_path / "v-0.mp4")[1], read_mp4(tmp_path / "v-1.mp4")[1])
+    assert main(["generate", "--prompt", "a cat", "--num-videos", "0", "--out", str(tmp_path / "w.mp4")]) == 2

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                           "image-to-video), line k with seed --seed + k")
     gen.add_argument(*FLAGS["out"], dest="out", default="video.mp4",
                      help="output video: .mp4 (H.264), .webm (VP9) or .gif")
+    gen.add_argument(*FLAGS["num_videos"], dest="num_videos", type=int, default=1,
+                     help="videos per prompt (OUT-0.mp4, ...), video k with seed --seed + k")
     gen.add_argument("--generate_type", "--generate-type", dest="generate_type", choices=["t2v", "i2v", "v2v"],
                      default=None, help="CogVideo cli_demo's mode flag: i2v and v2v take --image_or_video_path")
     gen.add_argument("--image_or_video_path", "--image-or-video-path", dest="image_or_video_path", default=None,
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 # gives it (its command lines run unchanged). An error naming a Python argument is reported with the
 # flag the user typed (`flag_message`).
 FLAGS = {"model": ("--model", "--model_path"), "out": ("--out", "--output_path"),
+         "num_videos": ("--num-videos", "--num_videos"),
          "num_frames": ("--frames", "--num_frames"), "num_inference_steps": ("--steps", "--num_inference_steps"),
          "guidance_scale": ("--guidance", "--guidance_scale"), "lora": ("--lora", "--lora_path"),
          "negative_prompt": ("--negative-prompt", "--negative_prompt"), "height": ("--height",),
@@ -259,14 +262,17 @@ def run_generate(args) -> int:
     if (args.prompt is None) == (args.prompt_file is None):
         raise CVFastInputError("--prompt or --prompt-file is needed, one of them: "
                                + ("neither was given" if args.prompt is None else "both were given"))
+    videos = positive_int("num_videos", args.num_videos)
     jobs = read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
+    if videos > 1:  # each video its own generation and seed, so each sidecar reproduces its video alone
+        jobs = [job for job in (jobs or [(args.prompt, None)]) for _ in range(videos)]
     arguments = generate_arguments(args)  # reads --image / --video first: a bad file is the only message
     if args.model is None:
         print("cvfast: note: no --model given: generating with the embedded tiny model, whose weights are random "
               "(its video is noise); pass --model THUDM/CogVideoX-5b or a model folder", file=sys.stderr)
         args.model = "tiny"
     if jobs is not None:
-        return run_prompt_file(args, jobs, arguments)
+        return run_jobs(args, jobs, arguments)
     result = generate(args.prompt, model=args.model, out=args.out, loras=[(path, args.lora_scale) for path in args.lora],
                       cache=args.cache, fps=args.fps, **load_arguments(args), **arguments)
     _end_distributed()  # only after success: peers of a failed rank may still be inside a collective
@@ -293,12 +299,13 @@ def read_prompt_file(path: str) -> list[tuple[str, str | None]]:
     return jobs
 
 
-def run_prompt_file(args, jobs: list[tuple[str, str | None]], arguments: dict) -> int:
-    """One video per line of --prompt-file, from one loaded model: OUT-0.mp4, OUT-1.mp4, ... each with its
-    sidecar; line k's seed is --seed + k (a random base when --seed is not given)."""
+def run_jobs(args, jobs: list[tuple[str, str | None]], arguments: dict) -> int:
+    """One video per job ((prompt, image path or None): a line of --prompt-file, or one of
+    --num-videos), from one loaded model: OUT-0.mp4, OUT-1.mp4, ... each with its sidecar; job k's
+    seed is --seed + k (a random base when --seed is not given)."""
     if args.parallel is not None:
-        raise CVFastInputError(f"--prompt-file {args.prompt_file!r} is not accepted: with --parallel (run one "
-                               "job per prompt)")
+        raise CVFastInputError(f"--parallel {args.parallel!r} is not accepted: with --prompt-file or --num-videos "
+                               "(run one job per video)")
     paths = video_paths(check_video_path(args.out), len(jobs))
     if args.fps is not None:
         positive_int("fps", args.fps)
