@@ -21,6 +21,7 @@ from cvfast.ops.quantized import check_precision, quantized
 from cvfast.pipeline import Pipeline
 from cvfast.runtime import Offload, Runtime
 from cvfast.runtime import parallel as par
+from cvfast.runtime.compile import check_compile
 from cvfast.sampler.schedulers import SchedulerConfig
 
 MODELS = ("tiny", "2b", "5b", "1.5-5b")
@@ -70,12 +71,14 @@ def random_checkpoint(model: str, device: torch.device, dtype: torch.dtype) -> C
 
 
 def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, parallel: str | None = None,
-          precision: str = "bf16") -> Pipeline:
+          precision: str = "bf16", compile: bool | str = False) -> Pipeline:
     """A cvfast Pipeline for `model` ("tiny" or a real architecture with random weights); parallel,
-    precision: as in `cvfast.load` (parallel in a program started by torchrun)."""
+    precision, compile: as in `cvfast.load` (parallel in a program started by torchrun)."""
     if model == "tiny":
-        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend, parallel=parallel, precision=precision)
+        return cvfast.load("tiny", device=device, dtype=dtype, backend=backend, parallel=parallel, precision=precision,
+                           compile=compile)
     check_precision(precision, device, dtype)
+    compile = check_compile(compile, engine=False, parallel=parallel is not None)
     checkpoint = random_checkpoint(model, device, dtype)
     config = par.parse(parallel)
     context = None
@@ -83,7 +86,8 @@ def build(model: str, device: torch.device, dtype: torch.dtype, backend: str, pa
         par.check_launch(config, "none", "auto")
         par.check_model(config, checkpoint.transformer)
         context = par.ParallelContext(config, device)
-    return assemble(checkpoint, Runtime(device, dtype, Offload("none", device), "auto", context, precision=precision),
+    return assemble(checkpoint, Runtime(device, dtype, Offload("none", device), "auto", context, precision=precision,
+                                        compile=compile),
                     quantized(resolve(backend, device), precision, device))
 
 

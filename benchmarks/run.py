@@ -7,7 +7,7 @@ Suites:
             diffusers' pipeline with the same weights, measured in the same run; --parallel cfg=C,ulysses=U
             (under `torchrun --nproc-per-node C*U`) one rank against the job, in the same run
   roofline  FLOPs, bytes and time floors of a full forward, computed on meta tensors (runs nothing)
-  gpu       the one command to run when a GPU is lent (see README, "Benchmarks")
+  gpu       the one command to run when a GPU is lent (see README, "Benchmarks"), within --budget-s
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Row, ceilings, environment, format_table  # noqa: E402
 from benchmarks.models import MODELS  # noqa: E402
+from benchmarks.suite_gpu import BUDGET_S  # noqa: E402
+from cvfast.core.files import write_text  # noqa: E402
 
 SUITES = ("default", "ops", "e2e", "roofline", "gpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="default", choices=SUITES)
     p.add_argument("--model", default=None, choices=MODELS,
-                   help="default: tiny for default/e2e on a CPU, 2b for the gpu suite, 5b for roofline")
+                   help="default: tiny for default/e2e on a CPU, 5b for the gpu suite and roofline")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -43,12 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--roofline-device", default="h100-sxm", help="a key of benchmarks/devices.json")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/latest-<suite>.json)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="gpu suite: seconds its parts may take (default %d)" % BUDGET_S)
     p.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
                    help="e2e only, under torchrun: the first backend on one rank and on the whole job")
     p.add_argument("--cache", default=None, metavar="SPEC",
                    help="default/e2e: also the first backend's loop with this step cache (e.g. teacache:0.2)")
     args = p.parse_args(argv)
-    for name in ("frames", "height", "width", "steps"):
+    for name in ("frames", "height", "width", "steps", "budget_s"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name}={value}: must be >= 1")
@@ -66,19 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def defaults_for(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Fill the sizes: the tiny model's own on a CPU, CogVideoX's 49x480x720 for real models."""
-    model = args.model or {"gpu": "2b", "roofline": "5b"}.get(args.suite, "tiny")
+    model = args.model or {"gpu": "5b", "roofline": "5b"}.get(args.suite, "tiny")
     real = model != "tiny"
     args.model = model
     args.frames = args.frames or (49 if real else 9)
     args.height = args.height or (480 if real else 64)
     args.width = args.width or (720 if real else 96)
     args.steps = args.steps or (10 if args.suite == "gpu" else 50 if real else 10)
+    args.budget_s = args.budget_s or BUDGET_S
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return args
 
 
-def run_suite(args: argparse.Namespace, device: torch.device) -> tuple[list[Row], dict, dict]:
-    """Rows, summary, ceilings of one suite."""
+def run_suite(args: argparse.Namespace, device: torch.device, save) -> tuple[list[Row], dict, dict]:
+    """Rows, summary, ceilings of one suite; the gpu suite also `save`s them after each part."""
     if args.suite == "roofline":
         from benchmarks.suite_roofline import roofline
         rows, summary = roofline(args.model, args.frames, args.height, args.width, steps=args.steps,
@@ -86,7 +91,7 @@ def run_suite(args: argparse.Namespace, device: torch.device) -> tuple[list[Row]
         return rows, summary, {}
     if args.suite == "gpu":
         from benchmarks.suite_gpu import run_gpu
-        return run_gpu(args, device)
+        return run_gpu(args, device, save)
     ceil = ceilings(device, args.dtype)
     rows = []
     if args.suite in ("default", "ops"):
@@ -104,6 +109,19 @@ def run_suite(args: argparse.Namespace, device: torch.device) -> tuple[list[Row]
     return rows, {}, ceil
 
 
+def write_record(out: Path, args: argparse.Namespace, device: torch.device, rows: list[Row], summary: dict,
+                 ceil: dict) -> dict:
+    """The run's JSON at `out` (and, for the gpu suite, its markdown beside it), each written whole."""
+    record = dict(suite=args.suite, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  args={k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()},
+                  env=environment(device), ceilings=ceil, summary=summary, rows=[r.as_dict() for r in rows])
+    write_text(out, json.dumps(record, indent=1, default=str))
+    if args.suite == "gpu":
+        from benchmarks.suite_gpu import markdown
+        write_text(out.with_suffix(".md"), markdown(json.loads(out.read_text())))
+    return record
+
+
 def main(argv=None) -> Path | None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,18 +130,12 @@ def main(argv=None) -> Path | None:
     if args.parallel is not None:
         device = _start_distributed(device)
     args = defaults_for(args, device)
-    rows, summary, ceil = run_suite(args, device)
-    if args.parallel is not None and torch.distributed.get_rank() != 0:
-        return None  # rank 0 reports
     out = Path(args.json or Path(__file__).parent / "results" / f"latest-{args.suite}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = dict(suite=args.suite, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  args={k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()},
-                  env=environment(device), ceilings=ceil, summary=summary, rows=[r.as_dict() for r in rows])
-    out.write_text(json.dumps(record, indent=1, default=str))
-    if args.suite == "gpu":
-        from benchmarks.suite_gpu import markdown
-        out.with_suffix(".md").write_text(markdown(json.loads(out.read_text())))
+    rows, summary, ceil = run_suite(args, device, lambda *part: write_record(out, args, device, *part))
+    if args.parallel is not None and torch.distributed.get_rank() != 0:
+        return None  # rank 0 reports
+    record = write_record(out, args, device, rows, summary, ceil)
     if ceil:
         print(f"ceilings on {record['env']['device_name']}: {ceil['matmul_dtype']} matmul "
               f"{ceil['matmul_tflops']:.3g} TFLOP/s, "

@@ -1,66 +1,85 @@
-"""`gpu` suite: the one command to run when a GPU is lent.
+"""`gpu` suite: the one command to run when a GPU is lent (`make gpu-check`).
 
-In order, each part recorded even if a later one fails: build the native extension (when csrc/ has
-sources), run the GPU test files, measure the ceilings, the `ops` suite at CogVideoX sizes, and the
-`e2e` suite at CogVideoX-2B 49x480x720 with random weights for the reference and auto backends and
-diffusers (same weights, same run) when it is importable; then, if the run is still under
-`FIVE_B_AFTER_S`, the 5B e2e for auto and diffusers; last, the denoising step with and without the
-CUDA graph (`suite_graph.py`: step and host time per step, the memory the graph holds) on the tiny
-model and at CogVideoX-2B 49x480x720; then, if the run is still under `FP8_AFTER_S`, the fp8 part
-(`suite_fp8.py`: FP8 linears, the 8-bit attention and the 5B step against bf16, and the accuracy
-gate). Sized to finish in about 6.5 minutes on an H100 or H200. On a
-machine without CUDA, everything that needs it is recorded as skipped, and the tiny model stands in
-for the e2e part (and runs the graph part's eager half) so that the record-keeping itself is
-exercised.
+Parts, in the order of what matters most if the time runs out, each started only when its usual
+time still fits the budget (`--budget-s`) and each recorded even if a later one fails: the
+ceilings; the 5B denoising step side by side with diffusers eager and compiled (`suite_step.py`,
+the summary's `step_5b`); the fp8 part (`suite_fp8.py`); the `ops` suite at CogVideoX sizes; the
+step with and without the CUDA graph on the tiny model (`suite_graph.py`: host time per step);
+rebuilding the native extension; last, the GPU test files, with what time is left, each failure's
+traceback kept. After every part the record is rewritten (JSON and markdown, atomically) and a
+progress line printed, so a run stopped from outside keeps what it measured. On a machine without
+CUDA, everything that needs it is recorded as skipped and the tiny model stands in, so that the
+record-keeping itself is exercised.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from .harness import ROOT, Row, ceilings
-from .suite_e2e import run_e2e
 from .suite_fp8 import run_fp8
 from .suite_graph import run_graph
 from .suite_ops import run_ops
+from .suite_step import CONFIGS, run_step
 
 GPU_TESTS = ["tests/test_cuda.py"]
-FIVE_B_AFTER_S = 200  # start the optional 5B e2e only if the run is younger than this
-FP8_AFTER_S = 330     # and the fp8 part (about 90 s at 5B size) only if younger than this: 8 minutes in all
+BUDGET_S = 430  # default --budget-s: `make gpu-check` must end inside the 8 minutes a device check may take
+TEST_TIMEOUT_S = 90  # per GPU test: one that hangs must not take the others' time
 TINY_GRAPH_STEPS = 10  # the tiny step takes milliseconds: more steps for steadier per-step times
+# A part starts only if this many seconds are left (its usual time on an H100/H200, with margin).
+NEEDS_S = {"ceilings": 15, "step": 120, "fp8": 90, "ops": 45, "graph tiny": 20, "build": 60, "tests": 60}
 
 
 def _skipped(case: str, why: str) -> Row:
     return Row("gpu", case, "-", extra=dict(skipped=why))
 
 
-def _build_extension(device: torch.device) -> Row:
+def _build_extension(device: torch.device, timeout_s: float) -> list[Row]:
     """Rebuild cvfast._C on a GPU machine (with its CUDA kernels, against that machine's torch)."""
     if device.type != "cuda":
-        return _skipped("build native extension", "no CUDA device: `make test` built the CPU extension")
+        return [_skipped("build native extension", "no CUDA device: `make test` built the CPU extension")]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-                           str(ROOT)], capture_output=True, text=True)
-    return Row("gpu", "build native extension", "cmake", median_ms=(time.perf_counter() - start) * 1e3,
-               extra=dict(returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-2000:]))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        extra = dict(returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-2000:])
+    except subprocess.TimeoutExpired:
+        extra = dict(error=f"not built within {timeout_s:.0f} s")
+    return [Row("gpu", "build native extension", "cmake", median_ms=(time.perf_counter() - start) * 1e3, extra=extra)]
 
 
-def _gpu_tests(device: torch.device) -> Row:
+def _gpu_tests(device: torch.device, timeout_s: float) -> list[Row]:
+    """The GPU test files under `timeout_s` in all (`TEST_TIMEOUT_S` each): counts, the progress
+    line, and each failure's report as it happened (tests/conftest.py writes them)."""
     if device.type != "cuda":
-        return _skipped("pytest " + " ".join(GPU_TESTS), "no CUDA device")
+        return [_skipped("pytest " + " ".join(GPU_TESTS), "no CUDA device")]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
-                          capture_output=True, text=True, cwd=ROOT)
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
-    return Row("gpu", "pytest " + " ".join(GPU_TESTS), "pytest", median_ms=(time.perf_counter() - start) * 1e3,
-               extra=dict(returncode=proc.returncode, **{f"passed_{k}" if k == "passed" else k: v
-                                                        for k, v in counts.items()},
-                          tail=proc.stdout[-3000:]))
+    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
+               f"--timeout={TEST_TIMEOUT_S}", *GPU_TESTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        failure_log = Path(tmp) / "failures.txt"
+        env = dict(os.environ, CVFAST_FAILURE_LOG=str(failure_log))
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout_s)
+            output, extra = proc.stdout, dict(returncode=proc.returncode)
+        except subprocess.TimeoutExpired as exc:
+            output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            extra = dict(error=f"stopped after {timeout_s:.0f} s (the suite's budget)")
+        failures = failure_log.read_text() if failure_log.exists() else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", output)}
+    extra.update({f"passed_{k}" if k == "passed" else k: v for k, v in counts.items()})
+    extra.update(progress=output.splitlines()[0][:200] if output else "", failures=failures[-20000:],
+                 tail=output[-3000:])
+    return [Row("gpu", "pytest " + " ".join(GPU_TESTS), "pytest", median_ms=(time.perf_counter() - start) * 1e3,
+                extra=extra)]
 
 
 def _guarded(name: str, fn) -> list[Row]:
@@ -72,53 +91,57 @@ def _guarded(name: str, fn) -> list[Row]:
                                                   traceback=traceback.format_exc()[-3000:]))]
 
 
-def run_gpu(args, device: torch.device) -> tuple[list[Row], dict, dict]:
+def run_gpu(args, device: torch.device, save) -> tuple[list[Row], dict, dict]:
+    """The parts in order within `args.budget_s`; `save(rows, summary, ceilings)` after each."""
     start = time.perf_counter()
-    rows = [_build_extension(device), _gpu_tests(device)]
+    deadline = start + args.budget_s
     gpu = device.type == "cuda"
-    if gpu:
-        torch.cuda.empty_cache()
-    ceil = ceilings(device, args.dtype)
-    rows += _guarded("ops", lambda: run_ops(args.model, device, args.dtype, ceil, frames=args.frames,
-                                            height=args.height, width=args.width))
     model = args.model if gpu else "tiny"
-    if not gpu and args.model != "tiny":
-        rows.append(_skipped(f"e2e {args.model}", "no CUDA device: the tiny model stands in"))
-    size = dict(frames=args.frames, height=args.height, width=args.width) if model != "tiny" else \
+    size = dict(frames=args.frames, height=args.height, width=args.width) if gpu else \
         dict(frames=9, height=64, width=96)
-    rows += _guarded(f"e2e {model}", lambda: run_e2e(model, device, args.dtype, steps=args.steps,
-                                                     backends=args.backends, baseline="diffusers", iters=2, **size))
-    if gpu and model != "5b":
-        if time.perf_counter() - start < FIVE_B_AFTER_S:
-            torch.cuda.empty_cache()
-            rows += _guarded("e2e 5b", lambda: run_e2e("5b", device, args.dtype, steps=args.steps, backends=["auto"],
-                                                       baseline="diffusers", iters=2, **size))
+    rows, summary, ceil = [], dict(model=model), {}
+
+    def part(name: str, fn) -> None:
+        left = deadline - time.perf_counter()
+        if left < NEEDS_S[name] and gpu:
+            rows.append(_skipped(name, f"{left:.0f} s of the budget left, the part needs about {NEEDS_S[name]} s"))
         else:
-            rows.append(_skipped("e2e 5b", f"run already {time.perf_counter() - start:.0f} s old"))
-    rows += _guarded("graph tiny", lambda: run_graph("tiny", device, args.dtype, frames=9, height=64, width=96,
-                                                     steps=TINY_GRAPH_STEPS))
-    if gpu and model != "tiny":
-        torch.cuda.empty_cache()
-        rows += _guarded(f"graph {model}", lambda: run_graph(model, device, args.dtype, steps=max(args.steps, 2),
-                                                             **size))
-    if time.perf_counter() - start < FP8_AFTER_S or not gpu:
-        if gpu:
-            torch.cuda.empty_cache()
-        rows += _guarded("fp8", lambda: run_fp8(device))
-    else:
-        rows.append(_skipped("fp8", f"run already {time.perf_counter() - start:.0f} s old"))
-    summary = dict(wall_s=time.perf_counter() - start, model=model, steps=args.steps,
-                   headline=_headline(rows))
+            if gpu:
+                torch.cuda.empty_cache()
+            rows.extend(_guarded(name, fn))
+        summary.update(wall_s=time.perf_counter() - start, headline=_headline(rows))
+        save(rows, summary, ceil)
+        print(f"[gpu suite {time.perf_counter() - start:5.0f} s] {name}: done", flush=True)
+
+    def ceilings_part() -> list[Row]:
+        ceil.update(ceilings(device, args.dtype))
+        return []
+
+    def step_part() -> list[Row]:
+        configs = list(CONFIGS) if gpu else [name for name, (_, _, graphed) in CONFIGS.items()
+                                             if not graphed and name in ("auto", "auto+compile")]
+        step_rows, step_summary = run_step(model, device, args.dtype, configs=configs,
+                                           deadline=deadline - NEEDS_S["fp8"], **size)
+        summary.update(step_summary)
+        return step_rows
+
+    part("ceilings", ceilings_part)
+    part("step", step_part)
+    part("fp8", lambda: run_fp8(device))
+    part("ops", lambda: run_ops(args.model, device, args.dtype, ceil, frames=args.frames, height=args.height,
+                                width=args.width))
+    part("graph tiny", lambda: run_graph("tiny", device, args.dtype, frames=9, height=64, width=96,
+                                         steps=TINY_GRAPH_STEPS))
+    part("build", lambda: _build_extension(device, max(deadline - time.perf_counter() - NEEDS_S["tests"], 30)))
+    part("tests", lambda: _gpu_tests(device, max(deadline - time.perf_counter(), 30)))
     return rows, summary, ceil
 
 
 def _headline(rows: list[Row]) -> dict:
-    """The ratios worth quoting: per e2e stage, auto against reference and against diffusers; per
-    graph case, the graph's step speed-up, the memory it holds and whether it matched eager."""
+    """The ratios worth quoting: per fp8 case its ratio to bf16; per graph case, the graph's step
+    speed-up, the memory it holds and whether it matched eager (the step part's are in `step_<model>`)."""
     out = {}
     for row in rows:
-        if row.suite == "e2e" and row.backend == "auto":
-            out[row.case] = {k: v for k, v in row.extra.items() if k.startswith(("speedup", "latents"))}
         if row.suite == "fp8" and "ratio_vs_bf16" in row.extra:
             out[f"{row.case} {row.backend}"] = {"ratio_vs_bf16": row.extra["ratio_vs_bf16"]}
         if row.suite == "graph" and row.backend == "cuda graph" and row.median_ms is not None:
@@ -136,11 +159,19 @@ def markdown(record: dict) -> str:
     if ceil:
         lines += [f"Measured ceilings: {ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
                   f"copy {ceil['copy_gbps']:.0f} GB/s (read + write).", ""]
+    for key, step in record["summary"].items():
+        if key.startswith("step_"):
+            seconds = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+            lines += [f"Denoising step ({step['shape']}, {step['dtype']}, {step['device']}), seconds: diffusers eager "
+                      f"{seconds(step['diffusers_eager_s'])}, diffusers compiled {seconds(step['diffusers_compiled_s'])}"
+                      "; cvfast " + ", ".join(f"{name} {seconds(v)}" for name, v in step["cvfast_s"].items())
+                      + "".join(f"; best ({step['best']}) / {k[8:]} {v:.3g}" for k, v in step.items()
+                                if k.startswith("best_vs_")), ""]
     lines += ["| suite | case | backend | median ms | TFLOP/s | GB/s | notes |", "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()
                           if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed",
-                                           "host", "graph", "ratio", "output", "weight")))
+                                           "host", "graph", "ratio", "output", "weight", "compile", "progress")))
         num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['suite']} | {r['case']} | {r['backend']} | {num(r['median_ms'], '.4g')} | "
                      f"{num(r['tflops'], '.3g')} | {num(r['gbps'], '.3g')} | {notes} |")

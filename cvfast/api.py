@@ -14,6 +14,7 @@ from .ops.quantized import check_precision, quantized
 from .pipeline import GenerationResult, Pipeline
 from .runtime import Offload, Runtime
 from .runtime import parallel as par
+from .runtime.compile import check_compile
 from .runtime.tensorrt import TensorRTTransformer, check_model, read_spec, require_tensorrt
 from .sampler import cache as step_cache
 from .sampler import graph
@@ -24,7 +25,7 @@ from .video import check_video_path, save_video, video_paths
 def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", allow_fp16: bool = False,
          offload: str = "none", cuda_graph: bool | str = "auto", base=None, trust_pickle: bool = False,
          parallel=None, engine=None, cache=None, precision: str = "bf16", torch_dtype=None,
-         scheduler: str | None = None) -> Pipeline:
+         scheduler: str | None = None, compile: bool | str = False) -> Pipeline:
     """Load a CogVideoX pipeline.
 
     model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
@@ -50,6 +51,9 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     "fp8-linear" or "fp8-attention" (one of the two; see `cvfast/ops/quantized.py`). FP8 runs on CUDA
     devices of compute capability 8.9 or more in bf16, and emulated (the same roundings, fp32 matmuls)
     on the CPU; `pipe.backends()` names the quantized ops' backends. FP8 linears take no LoRA.
+    compile: False, True or "max-autotune": torch.compile each transformer block (regional
+    compilation, compiled once on the first call with a new shape and reused by every block; see
+    `cvfast/runtime/compile.py`). Not with backend="tensorrt" or parallel=.
     """
     if scheduler not in (None, *SCHEDULER_KINDS.values()):
         raise bad_arg("scheduler", scheduler, f"None (the model's) or one of {sorted(set(SCHEDULER_KINDS.values()))}")
@@ -62,6 +66,7 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         par.check_launch(config, offload, cuda_graph)
         config = config if config.world_size > 1 else None  # cfg=1,ulysses=1: a single process
     dev = resolve_device(device)
+    compile = check_compile(compile, engine=backend == "tensorrt" or engine is not None, parallel=config is not None)
     if backend == "tensorrt" or engine is not None:
         if config is not None:
             raise bad_arg("parallel", parallel, "None with backend='tensorrt' (an engine runs on one GPU)")
@@ -86,7 +91,7 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         step_cache.parse(cache, cfg.variant)
     checkpoint = with_scheduler(open_checkpoint(model, check, base=base, trust_pickle=trust_pickle), scheduler)
     context = par.ParallelContext(config, dev) if config is not None else None
-    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision), ops)
+    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision, compile), ops)
 
 
 def with_scheduler(checkpoint: Checkpoint, scheduler: str | None) -> Checkpoint:
@@ -137,12 +142,13 @@ def check_loras(paths, precision: str) -> None:
 def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "video.mp4", device=None, dtype=None,
              backend: str = "auto", allow_fp16: bool = False, offload: str = "none", loras=(),
              base=None, trust_pickle: bool = False, parallel=None, engine=None, precision: str = "bf16",
-             fps: int | None = None, scheduler: str | None = None, **kwargs) -> GenerationResult | None:
+             fps: int | None = None, scheduler: str | None = None, compile: bool | str = False,
+             **kwargs) -> GenerationResult | None:
     """One call: load `model`, generate for `prompt` (keyword arguments as `Pipeline.generate`) and,
     when `out` is not None, write the video there (.mp4, .webm or .gif; several prompts: one file each,
     `video_paths(out, n)`: v-0.mp4, v-1.mp4, ...) at `fps` frames per second (default the model's).
     `out`, `fps` and the LoRA files are checked before the model loads. parallel: as in `load`; then rank 0 writes the videos and returns the result, the
-    other ranks return None."""
+    other ranks return None. compile: as in `load`."""
     if fps is not None:
         positive_int("fps", fps)
     if out is not None:
@@ -152,7 +158,7 @@ def generate(prompt, *, model: str | Path = "tiny", out: str | Path | None = "vi
     check_loras([path for path, _ in loras], precision)
     pipe = load(model, device=device, dtype=dtype, backend=backend, allow_fp16=allow_fp16, offload=offload,
                 base=base, trust_pickle=trust_pickle, parallel=parallel, engine=engine, precision=precision,
-                scheduler=scheduler)
+                scheduler=scheduler, compile=compile)
     for path, scale in loras:  # (path, scale) pairs merged into the transformer before generating
         pipe.load_lora(path, scale, trust_pickle=trust_pickle)
     result = pipe.generate(prompt, **kwargs)

@@ -13,6 +13,7 @@ from .models.vae import CogVideoXVAE
 from .ops import OpSet
 from .pipeline import Components, Pipeline
 from .runtime import Runtime
+from .runtime.compile import compile_blocks
 from .runtime.tensorrt import TensorRTTransformer
 
 
@@ -20,7 +21,8 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
     """Build the modules on the meta device, put the checkpoint's tensors into them (cast to the
     runtime's dtype, where offloading keeps them), load the text encoder, merge a LoRA the checkpoint
     carries, then quantize the transformer's linears when the runtime's precision asks for FP8 ones
-    (`ops` is then already `cvfast.ops.quantized.quantized(...)`). engine: a TensorRT engine that
+    (`ops` is then already `cvfast.ops.quantized.quantized(...)`), and compile its blocks when the
+    runtime asks (`cvfast/runtime/compile.py`). engine: a TensorRT engine that
     replaces the transformer (whose weights are not read)."""
     t_cfg, v_cfg = checkpoint.transformer, checkpoint.vae
     if t_cfg.out_channels != v_cfg.latent_channels:
@@ -43,5 +45,7 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
     if runtime.precision in ("fp8", "fp8-linear"):
         quantize_linears(transformer)
         loras = None  # a LoRA cannot be merged into (or taken out of) FP8 weights
+    if runtime.compile:
+        compile_blocks(transformer.blocks, runtime.compile)
     return Pipeline(Components(checkpoint.name, engine or transformer.eval(), vae.eval(), text_encoder,
                                checkpoint.scheduler, ops, checkpoint.defaults, loras), runtime)

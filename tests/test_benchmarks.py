@@ -92,12 +92,20 @@ def test_e2e_parallel_under_torchrun_reports_the_speedup_over_one_rank(tmp_path)
 def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the suite would run for real")
-    out = run.main(["--suite", "gpu", "--steps", "1", "--backends", "auto", "--json", str(tmp_path / "g.json")])
+    require("diffusers")
+    out = run.main(["--suite", "gpu", "--json", str(tmp_path / "g.json")])
     record = load(out)
     skipped = {r["case"]: r["extra"]["skipped"] for r in record["rows"] if "skipped" in r["extra"]}
     assert "no CUDA device" in skipped["pytest tests/test_cuda.py"]
-    assert "e2e 2b" in skipped
-    assert any(r["case"] == "tiny loop" and r["backend"] == "auto" for r in record["rows"])
+    # The step part: the tiny model eager and compiled, diffusers eager and compiled, side by side.
+    step = {r["backend"]: r for r in record["rows"] if r["suite"] == "step" and "step" in r["case"]}
+    assert set(step) == {"auto", "auto+compile", "diffusers", "diffusers+compile"}
+    assert all(r["median_ms"] > 0 for r in step.values())
+    assert "compile_s" in step["auto+compile"]["extra"] and "compile_s" in step["diffusers+compile"]["extra"]
+    summary = record["summary"]["step_tiny"]
+    assert set(summary["cvfast_s"]) == {"auto", "auto+compile"} and summary["diffusers_compiled_s"] > 0
+    assert summary["best_vs_diffusers_eager"] == pytest.approx(
+        summary["cvfast_s"][summary["best"]] / summary["diffusers_eager_s"])
     # The graph part measures the eager step on the CPU and skips the graph.
     graph_rows = {r["backend"]: r for r in record["rows"] if r["suite"] == "graph"}
     assert graph_rows["cuda graph"]["extra"]["skipped"] == "no CUDA device"
@@ -109,8 +117,24 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     assert fp8[("tiny check-precision 4 steps", "fp8")]["passed"] is True
     assert "int8-emulated" in fp8[("tiny step batch 2 9x64x96", "fp8")]["backends"]
     markdown = out.with_suffix(".md").read_text()
-    assert markdown.startswith("# gpu suite, cpu") and "| e2e | tiny loop | auto |" in markdown
+    assert markdown.startswith("# gpu suite, cpu") and "| step | tiny step 9x64x96 CFG | auto |" in markdown
     assert "| graph | tiny step | eager |" in markdown and "host_ms_per_step" in markdown
+
+
+def test_gpu_suite_saves_its_record_after_every_part(tmp_path, monkeypatch):
+    """A run stopped from outside keeps what it measured: the JSON on disk grows part by part."""
+    from benchmarks import suite_gpu
+    seen = []
+
+    def recording_save(rows, summary, ceil):
+        seen.append(len(rows))
+    args = run.defaults_for(run.parse_args(["--suite", "gpu"]), torch.device("cpu"))
+    monkeypatch.setattr(suite_gpu, "run_step", lambda *a, **k: ([run.Row("step", "s", "auto", 1.0)], {}))
+    monkeypatch.setattr(suite_gpu, "run_fp8", lambda device: [run.Row("fp8", "f", "fp8", 1.0)])
+    monkeypatch.setattr(suite_gpu, "run_ops", lambda *a, **k: [run.Row("ops", "o", "sdpa", 1.0)])
+    monkeypatch.setattr(suite_gpu, "run_graph", lambda *a, **k: [run.Row("graph", "g", "eager", 1.0)])
+    suite_gpu.run_gpu(args, torch.device("cpu"), recording_save)
+    assert seen == [0, 1, 2, 3, 4, 5, 6]  # ceilings, step, fp8, ops, graph, build (skipped), tests (skipped)
 
 
 def test_roofline_through_the_entry_point(tmp_path):
@@ -126,3 +150,22 @@ def test_plot_draws_every_run_file(tmp_path):
     pngs = plot.main([str(record), "--out", str(tmp_path / "plots")])
     assert [p.name for p in pngs] == ["e-e2e.png"]
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_failure_is_logged_as_it_happens(tmp_path):
+    """tests/conftest.py, for the gpu suite's test part: a failure's report reaches the log file
+    named by CVFAST_FAILURE_LOG before the run ends (so a run stopped by its budget keeps it)."""
+    import os
+    import subprocess
+    failing = tmp_path / "test_planted.py"
+    failing.write_text("def test_planted():\n    assert 1 + 1 == 3, 'planted failure'\n\n"
+                       "def test_fine():\n    pass\n")
+    log = tmp_path / "failures.txt"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                           str(failing)], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, CVFAST_FAILURE_LOG=str(log)))
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "test_planted.py::test_planted (call)" in text and "planted failure" in text
+    assert "test_fine" not in text

@@ -340,6 +340,12 @@ def test_scaled_mm_linear_matches_the_fp8_emulation():
 
 
 def test_triton_8bit_attention_matches_its_emulation_at_cogvideox_size():
+    """Same scales and int8 products; the kernel's exp2 (ex2.approx, relative error within 2^-22 by
+    the PTX manual) and the emulation's (exp2f, 2 ulp) differ by delta <= 2^-21, which flips P's e4m3
+    rounding for a fraction <= 2 * delta / 2^-4 = 32 delta of its entries (e4m3's relative spacing is
+    2^-4..2^-3), each flip moving its entry by <= 2^-3 of itself. With random V those errors add in
+    quadrature: rel L2 <= sqrt(32 delta) * 2^-3 = 2^-11. (Under the interpreter both use numpy's exp2:
+    test_quantized holds them within 1e-5. H200, 2026-11-27: 9.3e-5 here.)"""
     _fp8_device()
     _triton()
     from cvfast.ops import quantized
@@ -347,7 +353,7 @@ def test_triton_8bit_attention_matches_its_emulation_at_cogvideox_size():
     q, k, v = (torch.randn(2, 48, 2027, 64, device="cuda", generator=gen) for _ in range(3))
     k = k + 10 * torch.randn(1, 48, 1, 64, device="cuda", generator=gen).sign()
     got = quantized.triton_quantized_attention(q, k, v)
-    assert rel_l2(got, quantized.quantized_attention(q, k, v)) < 1e-5
+    assert rel_l2(got, quantized.quantized_attention(q, k, v)) < 2 ** -11
 
 
 def test_fp8_pipeline_on_cuda_passes_the_gate():

@@ -96,7 +96,8 @@ FLAGS = {"model": ("--model", "--model_path"), "out": ("--out", "--output_path")
          "width": ("--width",), "seed": ("--seed",), "dtype": ("--dtype",), "device": ("--device",),
          "backend": ("--backend",), "engine": ("--engine",), "precision": ("--precision",), "fps": ("--fps",),
          "offload": ("--offload",), "cache": ("--cache",), "strength": ("--strength",), "base": ("--base",),
-         "image_noise_sigma": ("--image-noise-sigma",), "parallel": ("--parallel",), "prompt": ("--prompt",)}
+         "image_noise_sigma": ("--image-noise-sigma",), "parallel": ("--parallel",), "prompt": ("--prompt",),
+         "compile": ("--compile", "--compile-mode")}
 
 
 def flag_message(message: str, argv: list[str]) -> str:
@@ -134,6 +135,10 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--precision", default="bf16", choices=PRECISIONS,
                      help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
                           "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer blocks (compiled once, on the first step)")
+    gen.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
+                     help="torch.compile's mode (implies --compile; default: default)")
     gen.add_argument("--image", default=None, help="image file: image-to-video (needs an I2V model)")
     gen.add_argument("--image-noise-sigma", default=None,
                      help="first-frame noise augmentation of the SAT engine: a number or 'sample' (default off)")
@@ -229,7 +234,8 @@ def load_arguments(args) -> dict:
     """The flags that say how to load the model, as load() arguments."""
     return dict(device=args.device, dtype=args.dtype, backend=args.backend, allow_fp16=args.allow_fp16,
                 offload=args.offload, base=args.base, trust_pickle=args.trust_pickle, engine=args.engine,
-                parallel=args.parallel, precision=args.precision, scheduler=args.scheduler)
+                parallel=args.parallel, precision=args.precision, scheduler=args.scheduler,
+                compile="max-autotune" if args.compile_mode == "max-autotune" else args.compile or bool(args.compile_mode))
 
 
 def generate_arguments(args) -> dict:

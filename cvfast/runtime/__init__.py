@@ -18,7 +18,8 @@ class Runtime:
     """What the assembler decided about running a pipeline; fixed for the pipeline's life.
     cuda_graph, cache: generate()'s defaults (`cvfast.load`); parallel: this rank's place in a
     parallel job, or None; precision: "bf16" (unquantized, in `dtype`), or the 8-bit parts of the
-    denoiser (`cvfast.ops.quantized.PRECISIONS`)."""
+    denoiser (`cvfast.ops.quantized.PRECISIONS`); compile: the transformer blocks' torch.compile
+    setting (`compile.py`), False when they run eagerly."""
     device: torch.device
     dtype: torch.dtype
     offload: Offload
@@ -26,3 +27,4 @@ class Runtime:
     parallel: ParallelContext | None = None
     cache: object = None
     precision: str = "bf16"
+    compile: bool | str = False

@@ -1,0 +1,170 @@
+"""`step` part of the gpu suite: one denoising step of CogVideoX-5B (49x480x720, bf16, CFG batch 2)
+side by side in one process, on the same random weights: diffusers eager, diffusers with its
+transformer blocks compiled (regional compilation: one `torch.compile` per block, the code shared
+by the 42 identical blocks), and cvfast per configuration (backend, `compile=`, `cuda_graph=`).
+
+A step's time is measured as the pipeline runs it, through each pipeline's own per-step callback:
+a call of `STEPS` steps synchronised only after its first and last steps gives (end of last - end
+of first) / (STEPS - 1), so that host and device overlap as in production. Before it, each
+configuration runs warm-up calls (a CUDA graph's first call runs eagerly and its second captures);
+the first call's extra time over a warm one is reported as `compile_s` where a configuration
+compiles. The VAE decode is timed once per distinct VAE backend. Without CUDA the tiny model stands
+in, eager and uncompiled, so that the record-keeping runs.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cvfast.models.geometry import latent_shape
+
+from .harness import Row, measured_row, sync
+from .models import build, diffusers_pipeline
+from .suite_graph import StepClock
+
+PROMPT = "a red panda eating bamboo in a misty forest, cinematic lighting"
+STEPS = 4  # 3 timed step intervals per call; a 5B step is ~1.8 s on an H200, so a call is ~7 s
+# name: (backend, compile, cuda_graph), in the order of what the issue needs first, in case the budget
+# ends; diffusers eager and compiled run right after the first.
+CONFIGS = {"auto": ("auto", False, False), "auto+graph": ("auto", False, True), "auto+compile": ("auto", True, False),
+           "auto+compile+graph": ("auto", True, True), "triton": ("triton", False, False),
+           "sdpa": ("sdpa", False, False)}
+
+
+def _cvfast_config(model: str, device, dtype, name: str, kw: dict, case: str) -> tuple[Row, object]:
+    backend, compiled, graphed = CONFIGS[name]
+    pipe = build(model, device, dtype, backend, compile=compiled)
+    kw = dict(kw, **_embeds(pipe))
+
+    def call(clock=None):
+        return pipe.generate(cuda_graph=graphed, callback=clock, **kw)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    first_s = time.perf_counter() - start
+    if graphed:
+        call()  # the capture
+    clock = StepClock(device, STEPS, every_step=False)
+    start = time.perf_counter()
+    call(clock)
+    warm_s = time.perf_counter() - start
+    row = Row("step", case, name, median_ms=clock.loop_ms_per_step(),
+              extra=dict(backends=pipe.backends(), first_call_s=first_s, warm_call_s=warm_s))
+    if compiled:
+        row.extra["compile_s"] = first_s - warm_s
+    return row, pipe
+
+
+def _embeds(pipe) -> dict:
+    embeds = pipe.encode_text(PROMPT)
+    return dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1])
+
+
+def _diffusers_rows(pipe, device, size: dict, case: str, deadline: float) -> list[Row]:
+    """diffusers eager, then the same pipeline with each transformer block compiled; the weights are
+    `pipe`'s (copied)."""
+    try:
+        ref = diffusers_pipeline(pipe)
+    except ImportError as exc:
+        return [Row("step", case, "diffusers", extra=dict(skipped=f"no diffusers: {exc}"))]
+    kw = dict(output_type="latent", num_inference_steps=STEPS, **_embeds(pipe), **size)
+    rows = []
+    for name in ("diffusers", "diffusers+compile"):
+        if time.perf_counter() > deadline:
+            rows.append(Row("step", case, name, extra=dict(skipped="the part's time budget ran out")))
+            continue
+        try:
+            rows.append(_diffusers_row(ref, name, kw, device, case))
+        except Exception as exc:  # e.g. a compile failure: the eager row stands
+            rows.append(Row("step", case, name, extra=dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")))
+    return rows
+
+
+def _diffusers_row(ref, name: str, kw: dict, device, case: str) -> Row:
+    if name == "diffusers+compile":
+        for block in ref.transformer.transformer_blocks:
+            block.compile()  # diffusers' CogVideoX sets no `_repeated_blocks` for compile_repeated_blocks
+    start = time.perf_counter()
+    ref(generator=torch.Generator("cpu").manual_seed(0), **kw)
+    sync(device)
+    first_s = time.perf_counter() - start
+    clock = StepClock(device, STEPS, every_step=False)
+
+    def on_step(_pipe, i, t, tensors):
+        clock(i, t, None)
+        return tensors
+    start = time.perf_counter()
+    ref(generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=on_step, **kw)
+    warm_s = time.perf_counter() - start
+    row = Row("step", case, name, median_ms=clock.loop_ms_per_step(), extra=dict(first_call_s=first_s,
+                                                                                warm_call_s=warm_s))
+    if name == "diffusers+compile":
+        row.extra["compile_s"] = first_s - warm_s
+    return row
+
+
+def _decode_row(pipe, device, size: dict, model: str, seen: set) -> Row | None:
+    """The VAE decode of one video's latents, once per VAE backend (`seen`: those already timed)."""
+    vae_backend = pipe.backends().get("causal_conv3d", "?")
+    if vae_backend in seen:
+        return None
+    seen.add(vae_backend)
+    shape = latent_shape(pipe.transformer.cfg, pipe.vae.config, size["num_frames"], size["height"], size["width"])
+    z = torch.randn(1, *shape, device=device, dtype=pipe.dtype)
+    return measured_row("step", f"{model} decode {'x'.join(map(str, shape))} latents", vae_backend,
+                        lambda: pipe.decode(z), device, warmup=1, iters=2)
+
+
+def run_step(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,
+             configs: list[str], deadline: float) -> tuple[list[Row], dict]:
+    """Rows per configuration (each stopped early if `time.perf_counter()` passes `deadline`) and the
+    summary `step_<model>`: seconds per step for diffusers eager and compiled and per cvfast configuration."""
+    size = dict(num_frames=frames, height=height, width=width)
+    case = f"{model} step {frames}x{height}x{width} CFG"
+    kw = dict(seed=0, progress=False, output_type="latent", num_inference_steps=STEPS, **size)
+    rows, seen, pipe, baseline_done = [], set(), None, False
+    for name in configs:
+        if time.perf_counter() > deadline:
+            rows.append(Row("step", case, name, extra=dict(skipped="the part's time budget ran out")))
+            continue
+        del pipe
+        _free(device)
+        try:
+            row, pipe = _cvfast_config(model, device, dtype, name, kw, case)
+        except Exception as exc:  # one configuration that fails must not cost the others
+            row, pipe = Row("step", case, name, extra=dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")), None
+        rows.append(row)
+        if pipe is not None and time.perf_counter() < deadline:
+            decoded = _decode_row(pipe, device, size, model, seen)
+            rows += [decoded] if decoded is not None else []
+        if pipe is not None and not baseline_done:  # the baseline right after the first configuration
+            rows += _diffusers_rows(pipe, device, size, case, deadline)
+            baseline_done = True
+    del pipe
+    _free(device)
+    return rows, {f"step_{model}": _summary(rows, device, case)}
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _summary(rows: list[Row], device: torch.device, case: str) -> dict:
+    """Seconds per step: diffusers eager and compiled, cvfast per configuration; the best cvfast
+    configuration's ratio to each diffusers one (the issue's targets: <= 0.70x eager, <= 0.85x compiled)."""
+    seconds = {r.backend: r.median_ms / 1e3 for r in rows if r.suite == "step" and r.case == case
+               and r.median_ms is not None}
+    cvfast_s = {name: s for name, s in seconds.items() if name in CONFIGS}
+    out = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", shape=case,
+               dtype="bfloat16" if device.type == "cuda" else "float32",
+               diffusers_eager_s=seconds.get("diffusers"), diffusers_compiled_s=seconds.get("diffusers+compile"),
+               cvfast_s=cvfast_s)
+    if cvfast_s:
+        best = min(cvfast_s, key=cvfast_s.get)
+        out["best"] = best
+        for key in ("diffusers_eager_s", "diffusers_compiled_s"):
+            if out[key]:
+                out[f"best_vs_{key[:-2]}"] = cvfast_s[best] / out[key]
+    return out
