@@ -51,7 +51,9 @@ AUTO_ORDER = {
 # Exceptions to AUTO_ORDER, per (device type, op). The VAE's causal conv stays with the reference
 # (cuDNN conv3d) on CUDA: the Triton implicit GEMM is untuned and has never been timed against
 # cuDNN; the gpu benchmark suite measures both (ops: causal_conv3d) and is what should change this.
-AUTO_ORDER_BY_OP = {("cuda", "causal_conv3d"): ()}
+# The VAE GroupNorm skips the native CUDA kernel: on an H200 it failed all 12 decoder-size checks
+# that the Triton kernel passed (benchmarks/results/h200-2026-11-27-gpu-check.md).
+AUTO_ORDER_BY_OP = {("cuda", "causal_conv3d"): (), ("cuda", "group_norm"): ("triton",)}
 
 
 def alternatives(op: str) -> list[Impl]:
