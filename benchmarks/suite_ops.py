@@ -4,8 +4,10 @@
 Work per case comes from `cvfast.ops.cost.op_cost`: matrix FLOPs for the compute-bound ops, and for
 every op the bytes a fused kernel must move (each input read once, each output written once).
 `causal_conv3d` is measured on contiguous and on channels-last 3D input.
-`joint_attention` is also measured unfused ("triton-unfused": QK LayerNorm and RoPE in PyTorch,
-then the Triton attention kernel) to show what the fused prologue saves.
+`joint_attention`'s Triton backend (the prepare pass, then the attention kernel) is also measured
+against its earlier design ("triton-fused": QK LayerNorm and RoPE applied per query block as K
+tiles load, `cvfast.kernels.attention.joint_attention_fused`) and unfused ("triton-unfused": QK
+LayerNorm and RoPE in PyTorch, then the Triton attention kernel).
 """
 from __future__ import annotations
 
@@ -43,8 +45,16 @@ def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> li
         if not impl.device_reasons(device) and not (interpreted and (wanted is None or "triton" not in wanted)):
             found.append((impl.backend, impl.fn))
             if op == "joint_attention" and impl.backend == "triton":
-                found.append(("triton-unfused", triton_joint_attention_unfused))
+                found += [("triton-fused", _triton_fused), ("triton-unfused", triton_joint_attention_unfused)]
     return [(n, f) for n, f in found if wanted is None or n.split("-")[0] in wanted or n == "reference"]
+
+
+def _triton_fused(qkv, heads, q_weight, q_bias, k_weight, k_bias, eps, cos, sin, n_text):
+    """The joint attention op's signature over the one-kernel design."""
+    from cvfast.kernels import attention as attention_kernel
+    rope = (cos.contiguous(), sin.contiguous()) if cos is not None else None
+    return attention_kernel.joint_attention_fused(qkv.contiguous(), heads, (q_weight, q_bias, k_weight, k_bias, eps),
+                                                  rope, n_text)
 
 
 def _cases(sz: dict, device: torch.device, dtype: torch.dtype):

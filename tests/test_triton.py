@@ -59,19 +59,61 @@ def test_attention_strided_inputs_and_scale(poisoned):
     check(attn.triton_attention(q, k, v, scale=0.3), attn.attention(q, k, v, scale=0.3))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,head_dim,rope", [(1, 64, True), (2, 128, True), (2, 64, False)])
-def test_joint_attention_fuses_qk_norm_and_rope(poisoned, dtype, batch, head_dim, rope):
-    torch.manual_seed(batch * head_dim)
-    heads, n_text, n_video = 2, 226, 150
+def joint_inputs(batch, n_text, n_video, heads, head_dim, dtype, rope):
     qkv = torch.randn(batch, n_text + n_video, 3 * heads * head_dim, device=DEVICE, dtype=dtype)
     norm = [torch.randn(head_dim, device=DEVICE, dtype=dtype) * 0.5 + 1 if i % 2 == 0 else
             torch.randn(head_dim, device=DEVICE, dtype=dtype) * 0.2 for i in range(4)]
     cos, sin = rope_tables(n_video, head_dim) if rope else (None, None)
-    args = (heads, *norm, 1e-6, cos, sin, n_text)
+    return qkv, (heads, *norm, 1e-6, cos, sin, n_text)
+
+
+# The redesigned joint attention (the prepare pass, then the attention kernel) at the issue's sizes:
+# S = 97 (40 text + 57 video rows) and 226 + 150, d = 64 and 128, batch 1 and 2, bf16 and fp32.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_text,n_video", [(40, 57), (226, 150)])
+def test_joint_attention_meets_the_flash_attention_rule(poisoned, dtype, batch, head_dim, n_text, n_video):
+    torch.manual_seed(batch * head_dim + n_video)
+    qkv, args = joint_inputs(batch, n_text, n_video, 2, head_dim, dtype, rope=True)
     got = attn.joint_attention_op(qkv, *args)
-    exact = attn.joint_attention(*fp32(qkv, heads, *norm, 1e-6, cos, sin, n_text))
+    exact = attn.joint_attention(*fp32(qkv, *args))
     check(got, exact, attn.joint_attention(qkv, *args, attend=naive_attention))
+
+
+def test_joint_attention_without_rope(poisoned):
+    torch.manual_seed(5)
+    qkv, args = joint_inputs(2, 226, 150, 2, 64, torch.bfloat16, rope=False)
+    check(attn.joint_attention_op(qkv, *args), attn.joint_attention(*fp32(qkv, *args)),
+          attn.joint_attention(qkv, *args, attend=naive_attention))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepare_pass_equals_the_reference_norm_and_rope(poisoned, dtype):
+    """q and k normed and rotated, v copied, each rounded once to the dtype: as the reference does it
+    in fp32 then rounds (to fp32 rounding; in bf16 within one bf16 rounding)."""
+    torch.manual_seed(6)
+    heads, head_dim, n_text, n_video = 3, 64, 40, 57
+    qkv, (_, qw, qb, kw, kb, eps, cos, sin, _) = joint_inputs(2, n_text, n_video, heads, head_dim, dtype, rope=True)
+    q, k, v = attention_kernel.prepare_qkv(qkv, heads, (qw, qb, kw, kb, eps), (cos, sin), n_text)
+    rq, rk, rv = fp32(*qkv.view(2, n_text + n_video, 3, heads, head_dim).permute(2, 0, 3, 1, 4))
+    rotate = lambda x: torch.cat((x[:, :, :n_text], attn.rope(x[:, :, n_text:], cos, sin)), dim=2)  # noqa: E731
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    for got, want in ((q, rotate(attn.layer_norm(rq, *fp32(qw, qb), eps))), (k, rotate(attn.layer_norm(rk, *fp32(kw, kb), eps)))):
+        assert got.is_contiguous() and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert torch.equal(v, rv.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_pass_equals_the_fused_prologue_bit_for_bit(poisoned, dtype):
+    """Same roundings (q and k to the dtype before the dot), same tiles under the interpreter: the
+    redesign changes where the norm and RoPE run, not the result."""
+    torch.manual_seed(7)
+    qkv, (heads, qw, qb, kw, kb, eps, cos, sin, n_text) = joint_inputs(2, 226, 150, 2, 64, dtype, rope=True)
+    norm, rope = (qw, qb, kw, kb, eps), (cos.contiguous(), sin.contiguous())
+    assert torch.equal(attention_kernel.joint_attention(qkv, heads, norm, rope, n_text),
+                       attention_kernel.joint_attention_fused(qkv, heads, norm, rope, n_text))
 
 
 def modulation(batch, groups, dim, dtype):

@@ -1,11 +1,21 @@
-"""FlashAttention-style forward (online softmax, fp32 accumulation) over any sequence length, with
-an optional prologue that applies CogVideoX's per-head QK LayerNorm and the RoPE of the video rows
-as q and k tiles are loaded, so they come straight from the fused QKV projection's output.
+"""FlashAttention-style forward (online softmax, fp32 accumulation) over any sequence length, and
+CogVideoX's joint attention from the fused QKV projection in two passes: `_prepare_qkv` reads each
+token once, applies the per-head QK LayerNorm and the RoPE of the video rows, and writes q, k and v
+per head, contiguous, in the compute dtype; then the attention kernel runs on them with no prologue.
 
-One program computes BLOCK_M query rows of one (batch, head) against all keys, BLOCK_N at a time.
-Scores use exp2 with log2(e) folded into the scale. Tails are masked (no padding by the caller).
-Every tensor is addressed through its strides, so the same kernel reads (B, H, S, d) tensors or the
-(B, S, 3, H, d) view of a QKV projection and writes (B, H, S, d) or (B, S, H, d).
+Why two passes: the earlier design (`joint_attention_fused`, kept for the benchmarks to measure
+against) applied the norm and the rotation as each K tile was loaded, i.e. once per *query block*:
+at 17,776 tokens with 128-row query blocks each key row was normalised and rotated 139 times on
+CUDA cores inside the softmax loop, its partner columns loaded twice, which is the non-matmul work
+that caps attention on Hopper (FlashAttention-3, section 3). The extra pass moves 3 x S x H x d
+elements twice (about 0.2 GB for 5B with CFG, ~0.05 ms at 4 TB/s against a ~9 ms attention). Both
+round the prepared q and k to the compute dtype before the dot, so their outputs are equal bit for bit.
+
+One attention program computes BLOCK_M query rows of one (batch, head) against all keys, BLOCK_N at
+a time. Scores use exp2 with log2(e) folded into the scale. Tails are masked (no padding by the
+caller). Every tensor is addressed through its strides, so the kernels read (B, H, S, d) tensors or
+the (B, S, 3, H, d) view of a QKV projection and write (B, H, S, d) or (B, S, H, d). On a GPU the
+attention tiles are autotuned per head dim, dtype and sequence bucket (`GPU_CONFIGS`).
 """
 from __future__ import annotations
 
@@ -103,28 +113,61 @@ def _attention_fwd(Q, K, V, Out, WQ, BQ, WK, BK, COS, SIN,
              mask=rows[:, None] < seq_q)
 
 
-def tile_config(head_dim: int) -> dict:
-    """Tile sizes and launch shape. On a GPU: 128 query rows x 64 keys, as FlashAttention-2 and
-    Triton's fused-attention tutorial use on A100/H100 (the fp32 accumulator of 128 x d stays in
-    registers; 8 warps at d=128 for the larger tile); not yet tuned on a GPU by this project. Under
-    the interpreter, 64 x 64 (fewer, larger numpy steps); test sequences of 97 and 376 still cross
-    several blocks and end in a ragged tail."""
-    if INTERPRET:
-        return dict(BLOCK_M=64, BLOCK_N=64)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3 if head_dim <= 64 else 2)
+@triton.jit
+def _prepare_qkv(QKV, OUT, WQ, BQ, WK, BK, COS, SIN,
+                 s_b, s_s, s_part, s_h, s_d, o_part, o_b, o_h, o_s, o_d,
+                 heads, seq, n_text, eps,
+                 HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr):
+    """OUT[0], OUT[1], OUT[2] (each (B, H, S, d)): q and k of QKV LayerNormed and (ROPE) rotated, and
+    v, in OUT's dtype; one program per BLOCK_S tokens of one (batch, head)."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, HEAD_DIM)
+    src = QKV + b * s_b + h * s_h
+    dst = OUT + b * o_b + h * o_h + rows[:, None] * o_s + cols[None, :] * o_d
+    valid = rows[:, None] < seq
+    dtype = OUT.dtype.element_ty
+    q = _load_rows(src, rows, cols, s_s, s_d, seq, WQ, BQ, COS, SIN, n_text, eps, HEAD_DIM, True, ROPE)
+    tl.store(dst, rounded(q, dtype), mask=valid)
+    k = _load_rows(src + s_part, rows, cols, s_s, s_d, seq, WK, BK, COS, SIN, n_text, eps, HEAD_DIM, True, ROPE)
+    tl.store(dst + o_part, rounded(k, dtype), mask=valid)
+    v = tl.load(src + 2 * s_part + rows[:, None] * s_s + cols[None, :] * s_d, mask=valid)
+    tl.store(dst + 2 * o_part, v, mask=valid)
+
+
+# The prepare pass is a copy with a little arithmetic: 64 token rows of one head per program keep the
+# (64, d) fp32 tiles of q, k and the partner columns in registers at d <= 128.
+PREPARE_ROWS = 64
+
+# sm_90 candidates for the attention tiles, autotuned on the first call per head dim, dtype and
+# key length: 128-row query blocks as FlashAttention-2/3 and Triton's fused-attention tutorial use
+# (the 128 x d fp32 accumulator in registers), 64- or 128-key blocks, 4 or 8 warps, 2-4 pipeline
+# stages (Triton software-pipelines the K/V loads of the loop by num_stages); a 64-row block for
+# short sequences. A config that needs more shared memory than the device has is skipped by the tuner.
+GPU_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+               for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                                            (128, 64, 4, 4), (64, 64, 4, 3))]
+_attention_tuned = triton.autotune(GPU_CONFIGS, key=["seq_k", "HEAD_DIM", "NORM", "ROPE", "IEEE"])(_attention_fwd)
+
+# Under the interpreter: 64 x 64 tiles (fewer, larger numpy steps); test sequences of 97 and 376 still
+# cross several blocks and end in a ragged tail.
+INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64)
 
 
 def _launch(q4, k4, v4, out4, norm, rope, n_text, scale, batch, heads, seq_q, seq_k, head_dim, dtype):
     """q4/k4/v4/out4: 4D views indexed (batch, head, seq, dim) in any layout."""
-    cfg = tile_config(head_dim)
     wq, bq, wk, bk, eps = norm if norm is not None else (q4, q4, q4, q4, 0.0)  # unused without NORM
     cos, sin = rope if rope is not None else (q4, q4)
-    grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
-    _attention_fwd[grid](q4, k4, v4, out4, wq, bq, wk, bk, cos, sin,
-                         *q4.stride(), *k4.stride(), *v4.stride(), *out4.stride(),
-                         heads, seq_q, seq_k, n_text, eps, scale * LOG2E,
-                         HEAD_DIM=head_dim, NORM=norm is not None, ROPE=rope is not None,
-                         IEEE=dtype == torch.float32, UPCAST=dot_upcast(dtype), **cfg)
+    kernel, tiles = (_attention_fwd, INTERPRETER_TILES) if INTERPRET else (_attention_tuned, {})
+    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    kernel[grid](q4, k4, v4, out4, wq, bq, wk, bk, cos, sin,
+                 *q4.stride(), *k4.stride(), *v4.stride(), *out4.stride(),
+                 heads, seq_q, seq_k, n_text, eps, scale * LOG2E,
+                 HEAD_DIM=head_dim, NORM=norm is not None, ROPE=rope is not None,
+                 IEEE=dtype == torch.float32, UPCAST=dot_upcast(dtype), **tiles)
     return out4
 
 
@@ -136,9 +179,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return _launch(q, k, v, out, None, None, 0, scale, batch, heads, seq_q, k.shape[2], head_dim, q.dtype)
 
 
+def prepare_qkv(qkv: torch.Tensor, heads: int, norm: tuple, rope: tuple | None, n_text: int) -> torch.Tensor:
+    """qkv: (B, S, 3*H*d) -> (3, B, H, S, d) contiguous in qkv's dtype: q and k LayerNormed (norm:
+    q_weight, q_bias, k_weight, k_bias, eps) and rotated on rows n_text onward (rope: cos, sin
+    contiguous fp32 (S - n_text, d), or None), and v."""
+    batch, seq, width = qkv.shape
+    head_dim = width // (3 * heads)
+    src = qkv.view(batch, seq, 3, heads, head_dim)
+    out = new_output((3, batch, heads, seq, head_dim), qkv.dtype, qkv.device)
+    wq, bq, wk, bk, eps = norm
+    cos, sin = rope if rope is not None else (qkv, qkv)  # unused without ROPE
+    grid = (triton.cdiv(seq, PREPARE_ROWS), batch * heads)
+    _prepare_qkv[grid](src, out, wq, bq, wk, bk, cos, sin,
+                       src.stride(0), src.stride(1), src.stride(2), src.stride(3), src.stride(4), *out.stride(),
+                       heads, seq, n_text, eps, HEAD_DIM=head_dim, BLOCK_S=PREPARE_ROWS, ROPE=rope is not None)
+    return out
+
+
 def joint_attention(qkv: torch.Tensor, heads: int, norm: tuple, rope: tuple | None, n_text: int) -> torch.Tensor:
-    """qkv: (B, S, 3*H*d) contiguous; norm: (q_weight, q_bias, k_weight, k_bias, eps) of the QK
-    LayerNorms; rope: (cos, sin) contiguous fp32 (S - n_text, d) or None -> (B, S, H*d)."""
+    """qkv: (B, S, 3*H*d) contiguous; norm, rope as `prepare_qkv` takes them -> (B, S, H*d): the
+    prepare pass, then the attention kernel on its output."""
+    batch, seq, width = qkv.shape
+    head_dim = width // (3 * heads)
+    q, k, v = prepare_qkv(qkv, heads, norm, rope, n_text)
+    out = new_output((batch, seq, heads, head_dim), qkv.dtype, qkv.device)
+    _launch(q, k, v, out.permute(0, 2, 1, 3), None, None, 0, 1.0 / math.sqrt(head_dim), batch, heads, seq, seq,
+            head_dim, qkv.dtype)
+    return out.view(batch, seq, heads * head_dim)
+
+
+def joint_attention_fused(qkv: torch.Tensor, heads: int, norm: tuple, rope: tuple | None,
+                          n_text: int) -> torch.Tensor:
+    """`joint_attention` in one kernel, the QK norm and RoPE applied as q and k tiles are loaded (the
+    earlier design, per query block; see the module docstring): for the benchmarks' comparison."""
     batch, seq, width = qkv.shape
     head_dim = width // (3 * heads)
     q, k, v = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # views, no copies
