@@ -46,7 +46,7 @@ test: $(TSTAMP)
 	CVFAST_REQUIRE_TEST_EXTRAS=1 $(PY) -m pytest -q -rs tests
 
 # The prepared device script, for a lent H100/H200 (README, "Benchmarks"): one device call that carries
-# [".whl"] (diffusers 0.42.1 and importlib_metadata, downloaded here once) runs `make gpu-check`; its
+# [".whl"] (diffusers 0.42.1, importlib_metadata and sageattention 1.0.6, downloaded here once) runs `make gpu-check`; its
 # JSON and markdown land in $OUT, rewritten after every part. The suite fits its parts into its
 # budget (430 s, tests last); the timeout is the backstop that keeps the call under the 8 minutes a
 # check may take, and what was measured before it is already on disk.

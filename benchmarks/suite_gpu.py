@@ -166,7 +166,9 @@ def markdown(record: dict) -> str:
                       f"{seconds(step['diffusers_eager_s'])}, diffusers compiled {seconds(step['diffusers_compiled_s'])}"
                       "; cvfast " + ", ".join(f"{name} {seconds(v)}" for name, v in step["cvfast_s"].items())
                       + "".join(f"; best ({step['best']}) / {k[8:]} {v:.3g}" for k, v in step.items()
-                                if k.startswith("best_vs_")), ""]
+                                if k.startswith("best_vs_"))
+                      + "; a 50-step generation projected from step and decode: "
+                      + ", ".join(f"{name} {seconds(v)}" for name, v in step["projected_50_steps_s"].items()), ""]
     lines += ["| suite | case | backend | median ms | TFLOP/s | GB/s | notes |", "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()

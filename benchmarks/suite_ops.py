@@ -7,11 +7,17 @@ every op the bytes a fused kernel must move (each input read once, each output w
 `joint_attention`'s Triton backend (the prepare pass, then the attention kernel) is also measured
 against its earlier design ("triton-fused": QK LayerNorm and RoPE applied per query block as K
 tiles load, `cvfast.kernels.attention.joint_attention_fused`) and unfused ("triton-unfused": QK
-LayerNorm and RoPE in PyTorch, then the Triton attention kernel).
+LayerNorm and RoPE in PyTorch, then the Triton attention kernel). On CUDA, `attention` is also
+measured with each of SDPA's kernels forced (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`), and
+with SageAttention when its wheel is installed (`sageattention`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cvfast import ops
 from cvfast.models.config import PRESETS
@@ -46,7 +52,19 @@ def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> li
             found.append((impl.backend, impl.fn))
             if op == "joint_attention" and impl.backend == "triton":
                 found += [("triton-fused", _triton_fused), ("triton-unfused", triton_joint_attention_unfused)]
+            if op == "attention" and impl.backend == "sdpa" and device.type == "cuda":
+                found += [(f"sdpa-{name}", functools.partial(_sdpa_with, kernel)) for name, kernel in SDPA_KERNELS]
     return [(n, f) for n, f in found if wanted is None or n.split("-")[0] in wanted or n == "reference"]
+
+
+# PyTorch SDPA's CUDA kernels, each forced, beside the one SDPA picks by itself ("sdpa").
+SDPA_KERNELS = (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION))
+
+
+def _sdpa_with(kernel, q, k, v, scale=None):
+    with sdpa_kernel(kernel):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _triton_fused(qkv, heads, q_weight, q_bias, k_weight, k_bias, eps, cos, sin, n_text):
@@ -107,9 +125,13 @@ def run_ops(model: str, device: torch.device, dtype: torch.dtype, ceil: dict, *,
         flops, nbytes = cost.flops or None, cost.bytes
         ref_row = None
         for backend, fn in _backends_for(op, device, backends):
-            row = measured_row("ops", case, backend, lambda fn=fn, a=args: fn(*a), device, flops=flops, bytes_moved=nbytes,
-                               warmup=1, iters=(3 if backend == "reference" else 10) if gpu else 2,
-                               dtype=str(dtype).replace("torch.", ""))
+            try:
+                row = measured_row("ops", case, backend, lambda fn=fn, a=args: fn(*a), device, flops=flops,
+                                   bytes_moved=nbytes, warmup=1, iters=(3 if backend == "reference" else 10) if gpu else 2,
+                                   dtype=str(dtype).replace("torch.", ""))
+            except Exception as exc:  # a backend that cannot take this case (e.g. a forced SDPA kernel)
+                rows.append(Row("ops", case, backend, extra=dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")))
+                continue
             if ref_row is None:
                 ref_row = row
             else:

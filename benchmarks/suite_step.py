@@ -24,6 +24,7 @@ from .models import build, diffusers_pipeline
 from .suite_graph import StepClock
 
 PROMPT = "a red panda eating bamboo in a misty forest, cinematic lighting"
+PROJECTED_STEPS = 50  # CogVideoX's default step count, for the projected generation time
 STEPS = 4  # 3 timed step intervals per call; a 5B step is ~1.8 s on an H200, so a call is ~7 s
 # name: (backend, compile, cuda_graph), in the order of what the issue needs first, in case the budget
 # ends; diffusers eager and compiled run right after the first.
@@ -54,6 +55,27 @@ def _cvfast_config(model: str, device, dtype, name: str, kw: dict, case: str) ->
     if compiled:
         row.extra["compile_s"] = first_s - warm_s
     return row, pipe
+
+
+PROFILE_TOP = 15  # kernels listed in the profile row
+
+
+def _profile_row(pipe, kw: dict, device, case: str, name: str) -> Row:
+    """One warm call under torch.profiler: the kernels (on a CPU, the ops) that take the time, by self
+    time, each with its share of the total; `covered` is the share the listed ones add up to."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        pipe.generate(cuda_graph=False, **kw)
+        sync(device)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if gpu else e.self_cpu_time_total) > 0]
+    self_us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in events}
+    total = sum(self_us.values())
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]
+    return Row("step", f"{case} profile", name, median_ms=total / 1e3 / STEPS,
+               extra=dict(unit="self time per step", covered=sum(us for _, us in top) / total,
+                          top=[dict(name=key[:120], ms_per_step=us / 1e3 / STEPS, share=us / total) for key, us in top]))
 
 
 def _embeds(pipe) -> dict:
@@ -138,7 +160,8 @@ def run_step(model: str, device: torch.device, dtype: torch.dtype, *, frames: in
         if pipe is not None and time.perf_counter() < deadline:
             decoded = _decode_row(pipe, device, size, model, seen)
             rows += [decoded] if decoded is not None else []
-        if pipe is not None and not baseline_done:  # the baseline right after the first configuration
+        if pipe is not None and not baseline_done:  # the profile and the baseline after the first configuration
+            rows.append(_profile_row(pipe, dict(kw, **_embeds(pipe)), device, case, name))
             rows += _diffusers_rows(pipe, device, size, case, deadline)
             baseline_done = True
     del pipe
@@ -161,6 +184,14 @@ def _summary(rows: list[Row], device: torch.device, case: str) -> dict:
                dtype="bfloat16" if device.type == "cuda" else "float32",
                diffusers_eager_s=seconds.get("diffusers"), diffusers_compiled_s=seconds.get("diffusers+compile"),
                cvfast_s=cvfast_s)
+    decode_s = {r.backend: r.median_ms / 1e3 for r in rows if r.case.startswith(case.split(" step")[0] + " decode")
+                and r.median_ms is not None}
+    vae_backend = {r.backend: r.extra["backends"].get("causal_conv3d") for r in rows
+                   if r.case == case and r.backend in cvfast_s}
+    # A 50-step generation projected from the measured step and the decode of that configuration's
+    # VAE backend (text encoding, ~20 ms, left out).
+    out["projected_50_steps_s"] = {name: PROJECTED_STEPS * seconds + decode_s[vae_backend[name]]
+                                   for name, seconds in cvfast_s.items() if vae_backend[name] in decode_s}
     if cvfast_s:
         best = min(cvfast_s, key=cvfast_s.get)
         out["best"] = best

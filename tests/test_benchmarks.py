@@ -106,6 +106,14 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     assert set(summary["cvfast_s"]) == {"auto", "auto+compile"} and summary["diffusers_compiled_s"] > 0
     assert summary["best_vs_diffusers_eager"] == pytest.approx(
         summary["cvfast_s"][summary["best"]] / summary["diffusers_eager_s"])
+    decode = next(r for r in record["rows"] if r["case"].startswith("tiny decode"))
+    assert summary["projected_50_steps_s"]["auto"] == pytest.approx(
+        50 * summary["cvfast_s"]["auto"] + decode["median_ms"] / 1e3)
+    # The per-op profile of one auto call: the ops that take the time, each with its share.
+    profile = next(r for r in record["rows"] if r["case"].endswith("profile"))
+    shares = [entry["share"] for entry in profile["extra"]["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < profile["extra"]["covered"] <= 1
+    assert profile["extra"]["covered"] == pytest.approx(sum(shares))
     # The graph part measures the eager step on the CPU and skips the graph.
     graph_rows = {r["backend"]: r for r in record["rows"] if r["suite"] == "graph"}
     assert graph_rows["cuda graph"]["extra"]["skipped"] == "no CUDA device"

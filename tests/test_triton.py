@@ -274,3 +274,32 @@ def test_auto_passes_over_a_kernel_that_fails_on_its_first_run(caplog):
     required = ops.OpSet({"modulate": ops.Impl("triton", broken)}, required="triton")
     with pytest.raises(RuntimeError, match="PTX"):
         required.modulate(h, None, None, shift, shift, 0, 1e-5)
+
+
+def test_sageattention_backend_is_named_and_says_why_it_cannot_run_here():
+    """Opt-in only: never under "auto"; asked for by name where it cannot run, the error says why."""
+    assert "sageattention" not in {b for order in ops.AUTO_ORDER.values() for b in order}
+    with pytest.raises(CVFastInputError, match=r"backend='sageattention' is not accepted: attention cannot use it on "
+                                               r"cpu: (sageattention is unavailable .*No module named 'sageattention'|runs on cuda, "
+                                               r"not cpu)"):
+        ops.resolve("sageattention", "cpu")
+
+
+def test_sage_wrapper_smooths_k_out_of_place(monkeypatch):
+    """sageattn's own K smoothing subtracts the mean from the caller's k in place; the wrapper
+    subtracts it on a copy (softmax is invariant to it) and turns sageattn's off."""
+    calls = {}
+
+    def fake_sageattn(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k):
+        calls.update(layout=tensor_layout, causal=is_causal, smooth_k=smooth_k, k_mean=k.mean(dim=2).abs().max())
+        return attn.attention(q, k, v, sm_scale)
+    monkeypatch.setattr(attn, "sageattn", fake_sageattn)
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 3, 41, 64) for _ in range(3))
+    k = k + 5
+    k_before = k.clone()
+    got = attn.sage_attention(q, k, v, scale=0.2)
+    assert torch.equal(k, k_before)
+    assert calls["layout"] == "HND" and calls["causal"] is False and calls["smooth_k"] is False
+    assert calls["k_mean"] < 1e-5
+    torch.testing.assert_close(got, attn.attention(q, k, v, 0.2), rtol=1e-5, atol=1e-5)

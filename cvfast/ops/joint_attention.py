@@ -12,7 +12,12 @@ cast back) and backends:
   transposed views and the output comes back as one. Not verified on a GPU yet: flash-attn cannot be
   installed on the machines this was written on.
 - `triton`: `cvfast.kernels.attention` as the custom ops `cvfast::attention` and
-  `cvfast::joint_attention` (the QK norm and RoPE applied as q and k tiles are loaded).
+  `cvfast::joint_attention` (a pass applying the QK norm and RoPE, then the attention kernel).
+- `sageattention`: the optional `sageattention` package (1.0.x: INT8 Q.K^T with per-block scales,
+  fp16 P.V, Triton kernels). Opt-in by name only, never under "auto": its 8-bit scores are outside
+  FlashAttention's 2x rule, and SageAttention v1 is published to fail on CogVideoX-1.5
+  (`../shared/anchors.md`; cvfast's own 8-bit attention is `precision="fp8-attention"`). Here for
+  the benchmarks to measure against, and for users who ask for it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,13 @@ except Exception as exc:  # not installed, or its CUDA libraries fail to load
     flash_attn_func, FLASH_IMPORT_ERROR = None, exc
 else:
     FLASH_IMPORT_ERROR = None
+
+try:
+    from sageattention import sageattn
+except Exception as exc:  # not installed
+    sageattn, SAGE_IMPORT_ERROR = None, exc
+else:
+    SAGE_IMPORT_ERROR = None
 
 Tensor = torch.Tensor
 
@@ -151,6 +163,41 @@ def _flash_impl(fn, why_not) -> Impl:
                 why_not=why_not)
 
 
+# -- sageattention ---------------------------------------------------------------------------------
+
+SAGE_HEAD_DIMS = (64, 96, 128)  # the head dims sageattn 1.0.x has kernels for
+
+
+def sage_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Same contract as `attention` (CUDA, fp16/bf16). K is smoothed here, out of place: sageattn's
+    own smoothing (softmax is invariant to K's mean over the sequence) subtracts it from the
+    caller's k in place."""
+    k = k - k.mean(dim=2, keepdim=True)
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale, smooth_k=False)
+
+
+def _sage_head_dim_reasons(head_dim: int) -> list[str]:
+    return [] if head_dim in SAGE_HEAD_DIMS else [f"head_dim {head_dim} is not one of {SAGE_HEAD_DIMS}"]
+
+
+def sage_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> list[str]:
+    reasons = _dtype_reasons(q, k, v) + _sage_head_dim_reasons(q.shape[-1])
+    if q.dim() != 4 or any(t.stride(-1) != 1 for t in (q, v)):
+        reasons.append("expects (batch, heads, seq, head_dim) with a contiguous last dim")
+    return reasons
+
+
+def sage_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
+    return _sage_head_dim_reasons(qkv.shape[-1] // (3 * heads))
+
+
+def _sage_impl(fn, why_not) -> Impl:
+    if SAGE_IMPORT_ERROR is not None:
+        return placeholder("sageattention", SAGE_IMPORT_ERROR)
+    return Impl("sageattention", fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=(8, 0),
+                why_not=why_not)
+
+
 # -- triton ----------------------------------------------------------------------------------------
 
 MAX_HEAD_DIM = 128  # a 128 x 128 fp32 accumulator tile is the most a program keeps in registers
@@ -224,10 +271,12 @@ register("attention", attention, [
     Impl("sdpa", sdpa_attention, why_not=sdpa_why_not),
     _flash_impl(flash_attention, flash_why_not),
     triton_impl(triton_attention, triton_why_not),
+    _sage_impl(sage_attention, sage_why_not),
 ])
 register("joint_attention", joint_attention, [
     Impl("sdpa", functools.partial(joint_attention, attend=sdpa_attention), why_not=sdpa_joint_why_not),
     _flash_impl(functools.partial(joint_attention, attend=flash_attention), flash_joint_why_not),
     triton_impl(joint_attention_op, triton_joint_why_not),
+    _sage_impl(functools.partial(joint_attention, attend=sage_attention), sage_joint_why_not),
 ])
 register("rope", rope)
