@@ -3,9 +3,11 @@ result rows that `run.py` prints as a table and writes as JSON."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +61,25 @@ def timed(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, it
     return dict(median_ms=statistics.median(times), p20_ms=pick(0.2), p80_ms=pick(0.8), peak_gib=peak)
 
 
+# A row whose 80th-percentile time exceeds its 20th by this factor is flagged: on a shared CPU a
+# neighbour's job, on a GPU clocks still ramping, make the median unquotable.
+UNSTEADY_SPREAD = 1.5
+
+
 def measured_row(suite: str, case: str, backend: str, fn, device, *, flops: float | None = None,
                  bytes_moved: float | None = None, warmup: int = 1, iters: int = 5, **extra) -> Row:
     stats = timed(fn, device, warmup=warmup, iters=iters)
     seconds = stats["median_ms"] / 1e3
-    return Row(suite, case, backend, stats["median_ms"], stats["p20_ms"], stats["p80_ms"],
-               tflops=flops / seconds / 1e12 if flops else None,
-               gbps=bytes_moved / seconds / 1e9 if bytes_moved else None,
-               peak_gib=stats["peak_gib"], extra=dict(iters=iters, **extra))
+    row = Row(suite, case, backend, stats["median_ms"], stats["p20_ms"], stats["p80_ms"],
+              tflops=flops / seconds / 1e12 if flops else None,
+              gbps=bytes_moved / seconds / 1e9 if bytes_moved else None,
+              peak_gib=stats["peak_gib"], extra=dict(iters=iters, **extra))
+    spread = stats["p80_ms"] / stats["p20_ms"]
+    if spread > UNSTEADY_SPREAD:
+        row.extra["unsteady_p80_over_p20"] = spread
+        print(f"warning: {suite} {case} {backend}: p80/p20 = {spread:.2f} > {UNSTEADY_SPREAD}; the machine was "
+              "busy or the case too short: do not quote this row", file=sys.stderr)
+    return row
 
 
 def git_commit() -> str | None:
@@ -81,7 +94,7 @@ def environment(device: torch.device) -> dict:
     import cvfast
     env = dict(python=platform.python_version(), torch=torch.__version__, cvfast=cvfast.__version__,
                git_commit=git_commit(), device_type=device.type, cpu=platform.processor() or platform.machine(),
-               cpu_threads=torch.get_num_threads())
+               cpu_threads=torch.get_num_threads(), load_average=os.getloadavg())
     try:
         import triton
         env["triton"] = triton.__version__
@@ -137,7 +150,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"{r.suite:9s} {r.case[:46]:46s} {r.backend:10s} {fmt(r.median_ms, '11.4g')} {spread:>19s} "
                      f"{fmt(r.tflops, '8.3g')} {fmt(r.gbps, '8.3g')} {fmt(r.peak_gib, '8.2f')}")
         notes = {k: v for k, v in r.extra.items() if k.startswith(("speedup", "frac", "ratio", "skipped", "error", "latents", "passed",
-                                                                  "host", "graph"))}
+                                                                  "host", "graph", "unsteady"))}
         if notes:
             lines.append(" " * 10 + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in notes.items()))

@@ -173,7 +173,7 @@ def markdown(record: dict) -> str:
     for r in record["rows"]:
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()
                           if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed",
-                                           "host", "graph", "ratio", "output", "weight", "compile", "progress")))
+                                           "host", "graph", "ratio", "output", "weight", "compile", "progress", "unsteady")))
         num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['suite']} | {r['case']} | {r['backend']} | {num(r['median_ms'], '.4g')} | "
                      f"{num(r['tflops'], '.3g')} | {num(r['gbps'], '.3g')} | {notes} |")

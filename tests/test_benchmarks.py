@@ -2,6 +2,7 @@
 what the device lacks, and the diffusers baseline computing what cvfast computes."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,17 @@ def test_each_failure_is_logged_as_it_happens(tmp_path):
     text = log.read_text()
     assert "test_planted.py::test_planted (call)" in text and "planted failure" in text
     assert "test_fine" not in text
+
+
+def test_an_unsteady_row_is_flagged(capsys):
+    """p80/p20 above 1.5 marks the row and warns (the machine's load is in every record's env)."""
+    from benchmarks import harness
+    durations = iter([0.01, 0.01, 0.01, 0.1, 0.1])  # p20 10 ms, p80 100 ms, whatever the scheduler adds
+    row = harness.measured_row("ops", "case", "x", lambda: time.sleep(next(durations)), torch.device("cpu"),
+                               warmup=0, iters=5)
+    assert row.extra["unsteady_p80_over_p20"] > 1.5
+    assert "do not quote this row" in capsys.readouterr().err
+    steady = harness.measured_row("ops", "case", "x", lambda: time.sleep(0.05), torch.device("cpu"), warmup=0,
+                                  iters=5)  # 50 ms each: a scheduler delay would need 25 ms to flag it
+    assert "unsteady_p80_over_p20" not in steady.extra
+    assert len(harness.environment(torch.device("cpu"))["load_average"]) == 3
