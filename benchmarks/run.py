@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Row, ceilings, environment, format_table  # noqa: E402
+from benchmarks.harness import Row, ceilings, environment, format_table, markdown  # noqa: E402
 from benchmarks.models import MODELS  # noqa: E402
 from benchmarks.suite_gpu import BUDGET_S  # noqa: E402
 from cvfast.core.files import write_text  # noqa: E402
@@ -111,15 +111,24 @@ def run_suite(args: argparse.Namespace, device: torch.device, save) -> tuple[lis
 
 def write_record(out: Path, args: argparse.Namespace, device: torch.device, rows: list[Row], summary: dict,
                  ceil: dict) -> dict:
-    """The run's JSON at `out` (and, for the gpu suite, its markdown beside it), each written whole."""
+    """The run's JSON at `out` and its markdown beside it, each written whole."""
     record = dict(suite=args.suite, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   args={k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()},
                   env=environment(device), ceilings=ceil, summary=summary, rows=[r.as_dict() for r in rows])
     write_text(out, json.dumps(record, indent=1, default=str))
-    if args.suite == "gpu":
-        from benchmarks.suite_gpu import markdown
-        write_text(out.with_suffix(".md"), markdown(json.loads(out.read_text())))
+    write_text(out.with_suffix(".md"), markdown(json.loads(out.read_text())))
     return record
+
+
+def draw(out: Path) -> list[Path]:
+    """The run's plots beside its JSON (`<name>-<kind>.png`), when matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (python benchmarks/plot.py draws them later)")
+        return []
+    from benchmarks.plot import plot_record
+    return plot_record(json.loads(out.read_text()), out.parent, out.stem)
 
 
 def main(argv=None) -> Path | None:
@@ -136,6 +145,8 @@ def main(argv=None) -> Path | None:
     if args.parallel is not None and torch.distributed.get_rank() != 0:
         return None  # rank 0 reports
     record = write_record(out, args, device, rows, summary, ceil)
+    for png in draw(out):
+        print(f"wrote {png}")
     if ceil:
         print(f"ceilings on {record['env']['device_name']}: {ceil['matmul_dtype']} matmul "
               f"{ceil['matmul_tflops']:.3g} TFLOP/s, "

@@ -148,33 +148,3 @@ def _headline(rows: list[Row]) -> dict:
             out[f"{row.case} cuda graph"] = {k: v for k, v in row.extra.items()
                                              if k.startswith(("speedup", "graph", "latents"))}
     return out
-
-
-def markdown(record: dict) -> str:
-    """A short table of one run for benchmarks/results/."""
-    env, ceil = record["env"], record["ceilings"]
-    lines = [f"# {record['suite']} suite, {env.get('device_name')} ({record['date']})", "",
-             f"torch {env['torch']}, CUDA {env.get('cuda')}, driver {env.get('driver')}, triton {env.get('triton')}, "
-             f"cvfast {env['cvfast']} at {env.get('git_commit') or 'an uncommitted tree'}.", ""]
-    if ceil:
-        lines += [f"Measured ceilings: {ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
-                  f"copy {ceil['copy_gbps']:.0f} GB/s (read + write).", ""]
-    for key, step in record["summary"].items():
-        if key.startswith("step_"):
-            seconds = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-            lines += [f"Denoising step ({step['shape']}, {step['dtype']}, {step['device']}), seconds: diffusers eager "
-                      f"{seconds(step['diffusers_eager_s'])}, diffusers compiled {seconds(step['diffusers_compiled_s'])}"
-                      "; cvfast " + ", ".join(f"{name} {seconds(v)}" for name, v in step["cvfast_s"].items())
-                      + "".join(f"; best ({step['best']}) / {k[8:]} {v:.3g}" for k, v in step.items()
-                                if k.startswith("best_vs_"))
-                      + "; a 50-step generation projected from step and decode: "
-                      + ", ".join(f"{name} {seconds(v)}" for name, v in step["projected_50_steps_s"].items()), ""]
-    lines += ["| suite | case | backend | median ms | TFLOP/s | GB/s | notes |", "|---|---|---|---|---|---|---|"]
-    for r in record["rows"]:
-        notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items()
-                          if k.startswith(("speedup", "frac", "latents", "skipped", "error", "passed", "failed",
-                                           "host", "graph", "ratio", "output", "weight", "compile", "progress", "unsteady")))
-        num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['suite']} | {r['case']} | {r['backend']} | {num(r['median_ms'], '.4g')} | "
-                     f"{num(r['tflops'], '.3g')} | {num(r['gbps'], '.3g')} | {notes} |")
-    return "\n".join(lines) + "\n"

@@ -94,6 +94,7 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the suite would run for real")
     require("diffusers")
+    require("matplotlib")
     out = run.main(["--suite", "gpu", "--json", str(tmp_path / "g.json")])
     record = load(out)
     skipped = {r["case"]: r["extra"]["skipped"] for r in record["rows"] if "skipped" in r["extra"]}
@@ -128,6 +129,8 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# gpu suite, cpu") and "| step | tiny step 9x64x96 CFG | auto |" in markdown
     assert "| graph | tiny step | eager |" in markdown and "host_ms_per_step" in markdown
+    # run.py draws the run it made beside its JSON: the step side by side, the ops.
+    assert (tmp_path / "g-step.png").stat().st_size > 0 and (tmp_path / "g-ops.png").stat().st_size > 0
 
 
 def test_gpu_suite_saves_its_record_after_every_part(tmp_path, monkeypatch):
