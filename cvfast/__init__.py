@@ -1,7 +1,7 @@
 """cvfast: a fast, validated inference engine for the CogVideoX family of video diffusion transformers."""
 from __future__ import annotations
 
-from .api import generate, load
+from .api import from_diffusers, generate, load
 from .checkpoints.convert import convert_sat
 from .core.errors import (CVFastError, CVFastInputError, EngineMismatchError, LoRAError, NonFiniteLatentsError,
                           NumericsError, ONNXCheckError, ONNXExportError, OutputError, RankFailedError,
@@ -13,7 +13,7 @@ from .sampler.cache import FirstBlockCache, MagCache, TeaCache
 from .video import save_video
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "save_video", "export_onnx", "convert_sat", "Pipeline", "GenerationResult",
+__all__ = ["load", "from_diffusers", "generate", "save_video", "export_onnx", "convert_sat", "Pipeline", "GenerationResult",
            "ParallelConfig", "TeaCache", "FirstBlockCache", "MagCache", "CVFastError", "CVFastInputError", "WeightError",
            "LoRAError", "UnsafePickleError", "EngineMismatchError", "NumericsError", "NonFiniteLatentsError", "ONNXExportError", "ONNXCheckError",
            "RankFailedError", "OutputError", "__version__"]

@@ -28,8 +28,9 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
          scheduler: str | None = None, compile: bool | str = False) -> Pipeline:
     """Load a CogVideoX pipeline.
 
-    model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", or "tiny" (an embedded,
-    seeded random-weight model of the real architecture; its video is noise). device: default CUDA
+    model: a diffusers-layout folder, a hub id such as "THUDM/CogVideoX-5b", "tiny" (an embedded,
+    seeded random-weight model of the real architecture; its video is noise), or a diffusers
+    CogVideoX pipeline object in memory (`from_diffusers`). device: default CUDA
     when present, else CPU. dtype (or diffusers' torch_dtype): default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
     "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep
     the components on the CPU and bring each to the device only while it runs (text encoder,
@@ -85,13 +86,22 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
 
     def check(cfg: TransformerConfig) -> None:
         # The embedded tiny model is exempt from the fp16 policy: its output is noise in any dtype.
-        check_fp16(dt, cfg.variant, allow_fp16 or str(model) == "tiny")
+        check_fp16(dt, cfg.variant, allow_fp16 or (isinstance(model, (str, Path)) and str(model) == "tiny"))
         if config is not None:
             par.check_model(config, cfg)
         step_cache.parse(cache, cfg.variant)
     checkpoint = with_scheduler(open_checkpoint(model, check, base=base, trust_pickle=trust_pickle), scheduler)
     context = par.ParallelContext(config, dev) if config is not None else None
     return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision, compile), ops)
+
+
+def from_diffusers(pipeline, **load_options) -> Pipeline:
+    """A cvfast pipeline from a diffusers CogVideoX pipeline in memory (text-, image- or video-to-video),
+    as it is now: its configs, weights, tokenizer, text encoder and scheduler (a swapped scheduler and
+    edited weights included), without writing a folder. load_options: as `load` takes them (device,
+    dtype or torch_dtype, backend, offload, cuda_graph, cache, precision, compile, scheduler, ...).
+    The weights are copied; the diffusers pipeline is left as it was (see `cvfast/checkpoints/in_memory.py`)."""
+    return load(pipeline, **load_options)
 
 
 def with_scheduler(checkpoint: Checkpoint, scheduler: str | None) -> Checkpoint:

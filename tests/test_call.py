@@ -142,3 +142,51 @@ def test_bad_call_arguments_are_value_errors_naming_them(arguments, named):
     with pytest.raises(ValueError, match=named) as error:
         ours("a cat", **SIZE, **RUN, **arguments)
     assert isinstance(error.value, CVFastInputError)
+
+
+# -- cvfast.from_diffusers: a diffusers pipeline in memory ------------------------------------------
+
+def test_from_diffusers_equals_loading_the_folder():
+    folder = tiny_folder("5b", "dpm")
+    theirs = diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    kw = dict(generator=generators(3)[0], output_type="np", **SIZE, **RUN)
+    converted = cvfast.from_diffusers(theirs, dtype=torch.float32)
+    assert converted.scheduler.kind == "dpm"
+    assert np.array_equal(converted("a red boat", **kw).frames,
+                          cvfast.load(folder, dtype=torch.float32)("a red boat", **{**kw, "generator": generators(3)[0]}).frames)
+
+
+def test_from_diffusers_follows_what_was_changed_in_memory():
+    """A swapped scheduler and an edited weight are what the converted pipeline runs, as diffusers'
+    own pipeline does; the diffusers pipeline's weights are copied, not taken over."""
+    ours_before, theirs = both()
+    theirs.scheduler = diffusers.CogVideoXDPMScheduler.from_config(theirs.scheduler.config)
+    with torch.no_grad():
+        theirs.transformer.proj_out.bias += 0.05
+    bias_before = theirs.transformer.proj_out.bias.clone()
+    converted = cvfast.from_diffusers(theirs, dtype=torch.float32)
+    assert converted.scheduler.kind == "dpm"
+    kw = dict(output_type="np", **SIZE, **RUN)
+    got = converted("a red boat", generator=generators(5)[0], **kw).frames
+    assert rel_l2(got, theirs("a red boat", generator=generators(5)[0], **kw).frames) <= 5e-5
+    assert rel_l2(got, ours_before("a red boat", generator=generators(5)[0], **kw).frames) > 1e-3
+    converted.transformer.proj_out.bias.data += 1.0  # cvfast's copy, not diffusers' tensor
+    assert torch.equal(theirs.transformer.proj_out.bias, bias_before)
+
+
+def test_from_diffusers_image_to_video():
+    folder = tiny_folder("5b-i2v")
+    theirs = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    kw = dict(image=pil(smooth_frame(TINY_HEIGHT, TINY_WIDTH)), output_type="np", **SIZE, **RUN)
+    got = cvfast.from_diffusers(theirs, dtype=torch.float32)("a red boat", generator=generators(4)[0], **kw).frames
+    assert rel_l2(got, theirs(prompt="a red boat", generator=generators(4)[0], **kw).frames) <= 5e-5
+
+
+def test_from_diffusers_refuses_an_incomplete_pipeline_and_a_base():
+    _, theirs = both()
+    with pytest.raises(CVFastInputError, match="brings its own transformer, text encoder and scheduler"):
+        cvfast.from_diffusers(theirs, base="THUDM/CogVideoX-2b")
+    theirs.text_encoder = None
+    with pytest.raises(CVFastInputError, match=r"pipeline='CogVideoXPipeline' is not accepted: .*missing: text_encoder"):
+        cvfast.from_diffusers(theirs)
