@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .build import build
 from .checkpoints import Checkpoint, open_checkpoint
+from .checkpoints.lora import is_lora_hub_id
 from .core.checks import check_fp16, positive_int, resolve_device, resolve_dtype
 from .core.errors import CVFastInputError, bad_arg
 from .models.config import TransformerConfig
@@ -141,10 +142,12 @@ def load_with_engine(model, engine, backend: str, dev, dtype, allow_fp16: bool, 
 
 
 def check_loras(paths, precision: str) -> None:
-    """LoRA files named before a load: each must exist, and FP8 weights take none."""
+    """LoRAs named before a load: each must exist (or be a hub id, fetched when merged), and FP8
+    weights take none."""
     for path in paths:
-        if not Path(path).expanduser().exists():
-            raise bad_arg("lora", str(path), "an existing LoRA file or SAT checkpoint directory")
+        if not Path(path).expanduser().exists() and not is_lora_hub_id(path):
+            raise bad_arg("lora", str(path), "an existing LoRA file or folder, a hub id 'org/name', or a SAT "
+                          "checkpoint directory")
         if precision in ("fp8", "fp8-linear"):
             raise bad_arg("lora", str(path), f"no LoRA with precision={precision!r} (FP8 weights take none)")
 

@@ -41,7 +41,7 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
     text_encoder = checkpoint.text_encoder(home, dtype)
     loras = None if engine is not None else LoRAs(transformer)  # no LoRA reaches an engine's weights
     if loras is not None and checkpoint.lora is not None and (layers := checkpoint.lora()) is not None:
-        loras.merge(layers, 1.0, checkpoint.lora_source)
+        loras.merge(layers, 1.0, checkpoint.lora_source, "checkpoint")
     if runtime.precision in ("fp8", "fp8-linear"):
         quantize_linears(transformer)
         loras = None  # a LoRA cannot be merged into (or taken out of) FP8 weights

@@ -112,3 +112,99 @@ def test_cli_lora(tmp_path):
                                                 "transformer.proj_out.lora_B.weight": torch.randn(16, 2)})
     proc = subprocess.run(base + ["--lora", str(bad), "--out", str(tmp_path / "b.mp4")], capture_output=True, text=True)
     assert proc.returncode == 2 and "proj_out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- adapter names, set_adapters, weight_name, hub ids (diffusers' LoRA API) --------------------------
+
+@pytest.fixture(scope="module")
+def second_lora(tmp_path_factory):
+    """Another random LoRA (rank 2, alpha 2) on the attention layers only, saved by diffusers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(tiny_folder("5b", "ddim"))
+    torch.manual_seed(8)
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v", "to_out.0"])
+    pipe.transformer.add_adapter(config)
+    out = tmp_path_factory.mktemp("lora2")
+    diffusers.CogVideoXPipeline.save_lora_weights(
+        out, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=config.to_dict())
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_set_adapters_matches_diffusers(lora_file, second_lora):
+    """Two named adapters with weights 0.7 and -1.5, as diffusers runs them (PEFT, unfused)."""
+    folder = tiny_folder("5b", "ddim")
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, **SIZE)
+    ref = diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora_file, adapter_name="style")
+    ref.load_lora_weights(second_lora, adapter_name="motion")
+    ref.set_adapters(["style", "motion"], [0.7, -1.5])
+    expected = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(3), output_type="np",
+                   max_sequence_length=16, **kw).frames
+    pipe = cvfast.load(folder, device="cpu", dtype=torch.float32, backend="reference")
+    pipe.load_lora(lora_file, adapter_name="style")
+    pipe.load_lora(second_lora.parent, adapter_name="motion")  # a folder: diffusers' file name in it
+    pipe.set_adapters(["style", "motion"], [0.7, -1.5])
+    assert pipe.active_adapters() == {"style": 0.7, "motion": -1.5}
+    ours = pipe.generate(PROMPT, seed=3, progress=False, **kw).frames
+    assert rel_l2(ours, expected) <= 5e-5
+
+
+def test_adapters_switch_and_unload_one_at_a_time(lora_file, second_lora):
+    """Weights are always base + the active adapters: switching or removing one gives bit for bit
+    what loading the remaining ones alone gives."""
+    folder = tiny_folder("5b", "ddim")
+    alone = cvfast.load(folder, device="cpu")
+    alone.load_lora(second_lora, 0.5)
+    want = {k: v.clone() for k, v in alone.transformer.state_dict().items()}
+    pipe = cvfast.load(folder, device="cpu")
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora(lora_file)
+    pipe.load_lora(second_lora, 0.5)
+    assert set(pipe.active_adapters()) == {"default_0", "default_1"}
+    pipe.set_adapters("default_1", 0.5)  # default_0 stays loaded, inactive
+    assert all(torch.equal(want[k], v) for k, v in pipe.transformer.state_dict().items())
+    pipe.set_adapters(["default_0", "default_1"], [1.0, 0.5])
+    pipe.unload_lora("default_0")
+    assert pipe.active_adapters() == {"default_1": 0.5}
+    assert all(torch.equal(want[k], v) for k, v in pipe.transformer.state_dict().items())
+    pipe.unload_lora()
+    assert pipe.active_adapters() == {}
+    assert all(torch.equal(base[k], v) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_adapter_names_and_weights_are_checked(lora_file):
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    pipe.load_lora(lora_file, adapter_name="style")
+    with pytest.raises(cvfast.CVFastInputError, match=r"adapter_name='style' is not accepted: a new non-empty name"):
+        pipe.load_lora(lora_file, adapter_name="style")
+    with pytest.raises(cvfast.CVFastInputError, match=r"adapter_names=\['motion'\] is not accepted: names of loaded"):
+        pipe.set_adapters(["motion"])
+    with pytest.raises(cvfast.CVFastInputError, match="adapter_weights=.* one weight per adapter name"):
+        pipe.set_adapters(["style"], [1.0, 2.0])
+
+
+def test_weight_name_picks_a_file_in_a_folder(tmp_path, lora_file):
+    key = "transformer.proj_out"
+    _write(tmp_path / "a.safetensors", {f"{key}.lora_A.weight": torch.randn(2, 32),
+                                        f"{key}.lora_B.weight": torch.randn(16, 2)})
+    _write(tmp_path / "b.safetensors", {f"{key}.lora_A.weight": torch.randn(2, 32),
+                                        f"{key}.lora_B.weight": torch.randn(16, 2)})
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    with pytest.raises(LoRAError, match=r"expected one \*.safetensors LoRA file.*weight_name= picks one"):
+        pipe.load_lora(tmp_path)
+    assert pipe.load_lora(tmp_path, weight_name="b.safetensors") == ["proj_out.weight"]
+    with pytest.raises(cvfast.CVFastInputError, match="weight_name='c.safetensors' is not accepted: a file in"):
+        pipe.load_lora(tmp_path, weight_name="c.safetensors")
+    with pytest.raises(cvfast.CVFastInputError, match="weight_name='x' is not accepted: None when the LoRA is a file"):
+        pipe.load_lora(lora_file, weight_name="x")
+
+
+def test_a_hub_id_that_cannot_be_fetched_names_the_lora(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu")
+    with pytest.raises(cvfast.CVFastInputError, match=r"lora='nobody-here/no-such-lora' could not be fetched from the "
+                                                      r"Hugging Face hub"):
+        pipe.load_lora("nobody-here/no-such-lora")

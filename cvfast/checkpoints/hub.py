@@ -18,14 +18,15 @@ def is_hub_id(model) -> bool:
     return HUB_ID.fullmatch(str(model)) is not None
 
 
-def download(repo_id: str, patterns: list[str] = MODEL_PATTERNS) -> Path:
-    """The local snapshot of `repo_id` (only the files matching `patterns`), fetched when needed."""
+def download(repo_id: str, patterns: list[str] = MODEL_PATTERNS, argument: str = "model") -> Path:
+    """The local snapshot of `repo_id` (only the files matching `patterns`), fetched when needed;
+    `argument`: the argument that named it, for the error."""
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
         raise CVFastInputError(
-            f"model={repo_id!r} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"{argument}={repo_id!r} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             f"Download it elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`) and pass the "
             "local folder instead.") from exc
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from ..core.errors import LoRAError, bad_arg
 from ..core.checks import is_number
 from . import sat_names
 from .diffusers import QKV_KEY, cvfast_name
+from .hub import download, is_hub_id
 from .sat import checkpoint_file, load_pickle, lora_alpha, read_yaml, state_dict_of, transformer_dir
 
 _LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<ab>[AB])\.weight")
@@ -47,13 +49,43 @@ def _alpha_from_metadata(metadata: dict) -> tuple[float | None, list[str]]:
     return alpha, patterns
 
 
+# The file name diffusers' save_lora_weights writes, and load_lora_weights looks for in a folder.
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def is_lora_hub_id(source) -> bool:
+    """Whether a LoRA source that is not a local path names a hub repo: 'org/name', and not a file name
+    (a mistyped 'loras/x.safetensors' is a missing file, not a repo)."""
+    return is_hub_id(source) and Path(str(source)).suffix not in (".safetensors", ".pt", ".bin")
+
+
+def lora_path(source, weight_name: str | None = None) -> Path:
+    """The local path of a LoRA: `source` as it is, or a hub id fetched (only `weight_name`, else its
+    safetensors); `weight_name` picks that file inside a folder or repo, as diffusers' argument does."""
+    path = Path(str(source)).expanduser()
+    if not path.exists() and is_lora_hub_id(source):
+        path = download(str(source), [weight_name] if weight_name else ["*.safetensors"], argument="lora")
+    if weight_name is None:
+        return path
+    if not path.is_dir():
+        raise bad_arg("weight_name", weight_name, f"None when the LoRA is a file ({path}); a file name inside a "
+                      "LoRA folder or hub repo otherwise")
+    if not (path / weight_name).is_file():
+        raise bad_arg("weight_name", weight_name, f"a file in {path}: {sorted(f.name for f in path.iterdir())}")
+    return path / weight_name
+
+
 def read_lora(path: str | Path) -> dict[str, dict]:
-    """{diffusers layer name: {"A": (r, in), "B": (out, r), "alpha": float}} of a transformer LoRA file."""
+    """{diffusers layer name: {"A": (r, in), "B": (out, r), "alpha": float}} of a transformer LoRA file
+    (a folder: its one safetensors, or diffusers' `pytorch_lora_weights.safetensors` among several)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1 and (path / DIFFUSERS_WEIGHT_NAME).is_file():
+            files = [path / DIFFUSERS_WEIGHT_NAME]
         if len(files) != 1:
-            raise LoRAError(f"{path}: expected one *.safetensors LoRA file, found {[f.name for f in files]}")
+            raise LoRAError(f"{path}: expected one *.safetensors LoRA file, found {[f.name for f in files]} "
+                            "(weight_name= picks one)")
         path = files[0]
     if path.suffix != ".safetensors":
         raise LoRAError(f"{path}: LoRA files are read as safetensors only (pickles are never loaded here)")
@@ -154,34 +186,85 @@ def add_deltas(weights: dict[str, torch.Tensor], deltas: dict[str, list[tuple[sl
             weight[rows] += delta.to(weight.device, weight.dtype)
 
 
+@dataclass
+class Adapter:
+    """One loaded LoRA: its layers (on the CPU), where it came from, and its weight in the merge
+    (None: loaded but not active)."""
+    layers: dict[str, dict]
+    source: str
+    scale: float | None
+
+
 class LoRAs:
-    """The LoRAs merged into one transformer, and the base tensors of the layers they changed (kept on
-    the CPU), so that `unload` restores them bit for bit."""
+    """The LoRAs loaded into one transformer, by adapter name, and the base tensors of the layers they
+    changed (kept on the CPU). The weights are always base + the sum of scale x delta over the active
+    adapters, merged in place: changing which adapters are active (`set_active`) or removing one
+    (`unload`) restores the base tensors bit for bit, then merges the active ones again."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
         self.backup: dict[str, torch.Tensor] = {}
+        self.adapters: dict[str, Adapter] = {}
 
-    def load(self, path, scale: float, trust_pickle: bool = False) -> list[str]:
-        """Merge the adapter at `path` (`read_adapter`'s formats) with `scale`; the parameters it changed."""
+    def load(self, path, scale: float, trust_pickle: bool = False, *, adapter_name: str | None = None,
+             weight_name: str | None = None) -> list[str]:
+        """Read the adapter at `path` (`read_adapter`'s formats, a hub id, `weight_name` in a folder)
+        and merge it with `scale` under `adapter_name` (default `default_<n>`, as diffusers names them);
+        the parameters it changed."""
         if not is_number(scale):
             raise bad_arg("scale", scale, "a finite number")
-        return self.merge(read_adapter(path, trust_pickle), scale, str(path))
+        name = self.new_name(adapter_name)
+        return self.merge(read_adapter(lora_path(path, weight_name), trust_pickle), scale, str(path), name)
 
-    def merge(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
-        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them);
-        every layer is checked before any weight changes."""
+    def new_name(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            return next(f"default_{i}" for i in range(len(self.adapters) + 1) if f"default_{i}" not in self.adapters)
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name in self.adapters:
+            raise bad_arg("adapter_name", adapter_name, f"a new non-empty name (loaded: {sorted(self.adapters)})")
+        return adapter_name
+
+    def merge(self, layers: dict[str, dict], scale: float, source: str, name: str) -> list[str]:
+        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them)
+        as adapter `name`; every layer is checked before any weight changes."""
         params = dict(self.transformer.named_parameters())
         deltas = lora_deltas(layers, params, float(scale), source)
-        for name in deltas:
-            self.backup.setdefault(name, params[name].detach().to("cpu", copy=True))
+        for key in deltas:
+            self.backup.setdefault(key, params[key].detach().to("cpu", copy=True))
         add_deltas(params, deltas)
+        self.adapters[name] = Adapter(layers, source, float(scale))
         return sorted(deltas)
 
+    def set_active(self, scales: dict[str, float]) -> None:
+        """Make exactly the adapters in `scales` active, each with its scale (the others stay loaded)."""
+        unknown = sorted(set(scales) - set(self.adapters))
+        if unknown:
+            raise bad_arg("adapter_names", unknown, f"names of loaded adapters: {sorted(self.adapters)}")
+        bad = {name: scale for name, scale in scales.items() if not is_number(scale)}
+        if bad:
+            raise bad_arg("adapter_weights", bad, "finite numbers")
+        for name, adapter in self.adapters.items():
+            adapter.scale = float(scales[name]) if name in scales else None
+        self.remerge()
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove adapter `name` (None: all of them) and put the weights back to base + the others."""
+        if name is not None and name not in self.adapters:
+            raise bad_arg("adapter_name", name, f"a loaded adapter: {sorted(self.adapters)}")
+        for key in [name] if name is not None else list(self.adapters):
+            del self.adapters[key]
+        self.remerge()
+
+    def active(self) -> dict[str, float]:
+        return {name: a.scale for name, a in self.adapters.items() if a.scale is not None}
+
     @torch.no_grad()
-    def unload(self) -> None:
-        """Put back the base weights of every layer a LoRA changed."""
+    def remerge(self) -> None:
+        """Base tensors back (bit for bit), then every active adapter merged again."""
         params = dict(self.transformer.named_parameters())
-        for name, original in self.backup.items():
-            params[name].copy_(original)
-        self.backup.clear()
+        for key, original in self.backup.items():
+            params[key].copy_(original)
+        for adapter in self.adapters.values():
+            if adapter.scale is not None:
+                add_deltas(params, lora_deltas(adapter.layers, params, adapter.scale, adapter.source))
+        if not self.adapters:
+            self.backup.clear()

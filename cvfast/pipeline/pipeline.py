@@ -68,22 +68,38 @@ class Pipeline:
 
     # -- LoRA -------------------------------------------------------------------------------------
 
-    def load_lora(self, path, scale: float = 1.0, *, trust_pickle: bool = False) -> list[str]:
+    def load_lora(self, path, scale: float = 1.0, *, weight_name: str | None = None, adapter_name: str | None = None,
+                  trust_pickle: bool = False) -> list[str]:
         """Merge a LoRA into the transformer's weights: W += scale * alpha / r * B @ A. path: a
-        diffusers/PEFT-format .safetensors (or a folder holding one), or SAT matrix_A/matrix_B adapters
-        (a SAT checkpoint directory, its .pt, or a .safetensors with SAT names; see
-        `cvfast.checkpoints.lora.read_adapter`). trust_pickle: as in `cvfast.load`. Several LoRAs
-        stack; `unload_lora()` restores the base weights bit for bit. Returns the parameters it changed."""
-        return self._adapters(str(path)).load(path, scale, trust_pickle)
+        diffusers/PEFT-format .safetensors, a folder holding one (diffusers' file name
+        `pytorch_lora_weights.safetensors` among several, or `weight_name`), a hub id (fetched: that
+        file, else its safetensors), or SAT matrix_A/matrix_B adapters (a SAT checkpoint directory,
+        its .pt, or a .safetensors with SAT names; see `cvfast.checkpoints.lora.read_adapter`).
+        adapter_name: default `default_<n>`; trust_pickle: as in `cvfast.load`. Several LoRAs stack;
+        `set_adapters` changes which are active and their weights, `unload_lora` removes them (the
+        base weights come back bit for bit). Returns the parameters it changed."""
+        return self._adapters(str(path)).load(path, scale, trust_pickle, adapter_name=adapter_name,
+                                              weight_name=weight_name)
 
-    def merge_lora(self, layers: dict[str, dict], scale: float, source: str) -> list[str]:
-        """Merge LoRA layers ({diffusers layer: {"A", "B", "alpha"}}, as `read_adapter` returns them)."""
-        return self._adapters(source).merge(layers, scale, source)
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Make exactly these loaded adapters active (a name or a list), with these weights (a number,
+        a list, or None: 1.0 each), as diffusers' `set_adapters`; the others stay loaded, inactive."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else \
+            [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise bad_arg("adapter_weights", adapter_weights, f"one weight per adapter name ({len(names)})")
+        self._adapters("set_adapters").set_active(dict(zip(names, weights)))
 
-    def unload_lora(self) -> None:
-        """Put back the base weights of every layer a LoRA changed (bit-identical)."""
+    def active_adapters(self) -> dict[str, float]:
+        """{adapter name: weight} of the LoRAs merged now."""
+        return {} if self.components.loras is None else self.components.loras.active()
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter (or all, the default) and put back the weights without it (the base
+        weights bit for bit when none is left)."""
         if self.components.loras is not None:
-            self.components.loras.unload()
+            self.components.loras.unload(adapter_name)
 
     def _adapters(self, source: str):
         if self.components.loras is None and self.runtime.precision != "bf16":
