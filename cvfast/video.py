@@ -1,6 +1,8 @@
 """Writing frames as a video file, never resizing them and never in place: mp4 (H.264), webm (VP9)
 or gif, chosen by the path's suffix, encoded by the ffmpeg that imageio-ffmpeg ships into a temporary
-file beside the target, which replaces the target only once ffmpeg reported success."""
+file beside the target, which replaces the target only once ffmpeg reported success; or, for a path
+without a suffix, a folder of PNG frames (frame_0000.png, ...) written into a temporary folder that
+replaces it whole."""
 from __future__ import annotations
 
 import subprocess
@@ -25,11 +27,36 @@ VIDEO_FORMATS = {
 EVEN_SIZE = (".mp4", ".webm")
 
 
+FRAME_NAME = "frame_{:04d}.png"  # the files of a frames folder, in order
+
+
+def is_frames_folder(path: Path) -> bool:
+    """Whether `path` names a folder of PNG frames rather than a video file: it has no suffix."""
+    return path.suffix == ""
+
+
+def is_frames_output(folder: Path) -> bool:
+    """Whether an existing folder is an earlier frames output: PNG frames and nothing else (an empty
+    folder is not: `--out outputs/` is more likely a mistake than a request for frames)."""
+    files = list(folder.iterdir())
+    return bool(files) and all(f.name.startswith("frame_") and f.suffix == ".png" for f in files)
+
+
 def check_video_path(path, argument: str = "out") -> Path:
-    """A path a video can be written to, with a suffix of VIDEO_FORMATS (checked before any work)."""
+    """A path a video can be written to, with a suffix of VIDEO_FORMATS or none (a folder of PNG
+    frames that does not exist yet, or an earlier frames output: it is replaced whole), checked
+    before any work."""
+    path = Path(path).expanduser()
+    if is_frames_folder(path):
+        path = check_writable(path, argument, directory=True)
+        if path.is_dir() and not is_frames_output(path):
+            raise bad_arg(argument, str(path), "a file path (it is a directory: a folder of PNG frames must not exist "
+                          "yet, or hold only an earlier output's frame_*.png files, since it is replaced whole)")
+        return path
     path = check_writable(path, argument)
     if path.suffix.lower() not in VIDEO_FORMATS:
-        raise bad_arg(argument, str(path), f"a path ending in {', '.join(VIDEO_FORMATS)}")
+        raise bad_arg(argument, str(path), f"a path ending in {', '.join(VIDEO_FORMATS)}, or a folder name without "
+                      "a suffix (PNG frames)")
     return path
 
 
@@ -65,7 +92,8 @@ def uint8_frames(frames) -> np.ndarray:
 
 
 def save_video(frames, path: str | Path, fps: int | float | None = None) -> Path:
-    """Write `frames` to `path` (.mp4, .webm or .gif) and return the path. `frames` may also be a
+    """Write `frames` to `path` (.mp4, .webm, .gif, or a folder of PNG frames for a path without a
+    suffix) and return the path. `frames` may also be a
     `GenerationResult` (its first video; its fps is used when `fps` is None). mp4 and webm need an
     even height and width: frames are never resized to fit. The file is complete or absent: a failed
     write raises OutputError and leaves a previous file at `path` unchanged."""
@@ -77,6 +105,10 @@ def save_video(frames, path: str | Path, fps: int | float | None = None) -> Path
         raise bad_arg("fps", fps, "a positive number")
     path = check_video_path(path, "path")
     video = uint8_frames(frames)
+    if is_frames_folder(path):
+        with replacing(path, directory=True) as temporary:
+            write_frames(video, temporary)
+        return path
     _, height, width, _ = video.shape
     if path.suffix.lower() in EVEN_SIZE and (height % 2 or width % 2):
         raise bad_arg("frames", f"{width}x{height}", f"even width and height for {path.suffix} (yuv420p); cvfast "
@@ -84,6 +116,16 @@ def save_video(frames, path: str | Path, fps: int | float | None = None) -> Path
     with replacing(path) as temporary:
         encode(video, temporary, fps)
     return path
+
+
+def write_frames(video: np.ndarray, folder: Path) -> None:
+    """Each frame of `video` (F, H, W, 3) uint8 as `FRAME_NAME` in `folder`."""
+    from PIL import Image
+    for index, frame in enumerate(video):
+        try:
+            Image.fromarray(frame).save(folder / FRAME_NAME.format(index))
+        except OSError as exc:
+            raise OutputError(f"cannot write frame {index} into {folder}: {exc}") from None
 
 
 def encode(video: np.ndarray, path: Path, fps) -> None:

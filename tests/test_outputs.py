@@ -176,3 +176,44 @@ def test_the_export_command_checks_its_directory_before_loading(tmp_path, monkey
     (taken / "notes.txt").write_text("mine")
     assert main(["export", "onnx", "--model", "tiny", "--out", str(taken)]) == 2
     assert "it holds ['notes.txt']" in capsys.readouterr().err and (taken / "notes.txt").read_text() == "mine"
+
+
+def test_a_path_without_suffix_is_a_folder_of_png_frames(tmp_path):
+    from PIL import Image
+    folder = cvfast.save_video(FRAMES, tmp_path / "frames")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [f"frame_{i:04d}.png" for i in range(5)]
+    first = np.asarray(Image.open(folder / names[0]))
+    assert first.shape == (32, 48, 3) and np.array_equal(first, video_module.uint8_frames(FRAMES)[0])
+    cvfast.save_video(FRAMES[:2], folder)  # an earlier frames output is replaced whole
+    assert sorted(p.name for p in folder.iterdir()) == ["frame_0000.png", "frame_0001.png"]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_frames_folder_never_replaces_a_folder_of_other_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CVFastInputError, match="a folder of PNG frames must not exist yet, or hold only"):
+        cvfast.save_video(FRAMES, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failing_frame_writer_leaves_the_previous_frames(tmp_path, monkeypatch):
+    folder = cvfast.save_video(FRAMES, tmp_path / "frames")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(video, into):
+        (into / "frame_0000.png").write_bytes(b"half")
+        raise OutputError("disk full")
+    monkeypatch.setattr(video_module, "write_frames", broken)
+    with pytest.raises(OutputError, match="disk full"):
+        cvfast.save_video(FRAMES[:1], folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_writes_png_frames_and_their_sidecar(tmp_path):
+    out = tmp_path / "frames"
+    assert main(["generate", "--prompt", "a cat", "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    assert len(list(out.glob("frame_*.png"))) > 1
+    assert json.loads((tmp_path / "frames.json").read_text())["prompt"] == "a cat"
