@@ -135,7 +135,8 @@ def test_eta_has_no_effect():
     (dict(output_type="mp4"), "output_type"),
     (dict(callback_on_step_end=edit_latents, callback_on_step_end_tensor_inputs=["noise_pred"]),
      "callback_on_step_end_tensor_inputs"),
-    (dict(attention_kwargs={"scale": 0.5}), "attention_kwargs"),
+    (dict(attention_kwargs={"scale": 0.5, "mask": None}), "attention_kwargs"),
+    (dict(attention_kwargs={"scale": "half"}), "attention_kwargs"),
 ])
 def test_bad_call_arguments_are_value_errors_naming_them(arguments, named):
     ours = cvfast.load(tiny_folder("2b"))

@@ -208,3 +208,25 @@ def test_a_hub_id_that_cannot_be_fetched_names_the_lora(monkeypatch):
     with pytest.raises(cvfast.CVFastInputError, match=r"lora='nobody-here/no-such-lora' could not be fetched from the "
                                                       r"Hugging Face hub"):
         pipe.load_lora("nobody-here/no-such-lora")
+
+
+def test_attention_kwargs_scale_matches_diffusers_for_one_call(lora_file, second_lora):
+    """diffusers' attention_kwargs={"scale": s} scales the active LoRAs for that call; after it the
+    weights are as they were, bit for bit."""
+    folder = tiny_folder("5b", "ddim")
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, output_type="np", max_sequence_length=16, **SIZE)
+    ref = diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora_file, adapter_name="style")
+    ref.load_lora_weights(second_lora, adapter_name="motion")
+    ref.set_adapters(["style", "motion"], [0.7, -1.5])
+    expected = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(3), attention_kwargs={"scale": 0.4},
+                   **kw).frames
+    pipe = cvfast.load(folder, device="cpu", dtype=torch.float32, backend="reference")
+    pipe.load_lora(lora_file, 0.7, adapter_name="style")
+    pipe.load_lora(second_lora, -1.5, adapter_name="motion")
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    got = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(3), attention_kwargs={"scale": 0.4}, **kw).frames
+    assert rel_l2(got, expected) <= 5e-5
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert pipe.active_adapters() == {"style": 0.7, "motion": -1.5}

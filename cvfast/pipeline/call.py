@@ -66,8 +66,10 @@ def per_video(value, copies: int):
     return [prompt for prompt in ([value] if isinstance(value, str) else value) for _ in range(copies)]
 
 
-def check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwargs, return_dict) -> int:
-    """The arguments only the diffusers-style call has; returns num_videos_per_prompt."""
+def check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwargs,
+               return_dict) -> tuple[int, float]:
+    """The arguments only the diffusers-style call has; returns num_videos_per_prompt and the LoRA
+    scale of `attention_kwargs` (1.0 when absent)."""
     if timesteps is not None:
         raise bad_arg("timesteps", timesteps, "None: CogVideoX's schedulers take no custom schedule "
                       "(num_inference_steps sets it)")
@@ -77,10 +79,12 @@ def check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwa
         raise bad_arg("output_type", output_type, f"one of {CALL_OUTPUT_TYPES}")
     if not isinstance(return_dict, bool):
         raise bad_arg("return_dict", return_dict, "True or False")
-    if attention_kwargs not in (None, {}) and attention_kwargs != {"scale": 1.0}:
-        raise bad_arg("attention_kwargs", attention_kwargs, "None or {'scale': 1.0}: cvfast merges LoRAs into the "
-                      "weights, so their scale is set when loading them (load_lora(path, scale))")
-    return positive_int("num_videos_per_prompt", num_videos_per_prompt)
+    attention_kwargs = attention_kwargs or {}
+    if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"} \
+            or not is_number(attention_kwargs.get("scale", 1.0)):
+        raise bad_arg("attention_kwargs", attention_kwargs, "None or {'scale': a number}: the LoRA scale of this "
+                      "call, as in diffusers (CogVideoX's attention takes no other keyword)")
+    return positive_int("num_videos_per_prompt", num_videos_per_prompt), float(attention_kwargs.get("scale", 1.0))
 
 
 class StepEnd:

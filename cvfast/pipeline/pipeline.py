@@ -8,6 +8,7 @@ to its decoder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -295,7 +296,8 @@ class Pipeline:
         (`cvfast/pipeline/call.py` says where it differs): `PipelineOutput(frames)`, or `(frames,)`
         with return_dict=False. image: image-to-video models; video, strength: video-to-video.
         `generate()` is cvfast's own call (seeds, timings, caches, CUDA graphs); both run `run`."""
-        videos = check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwargs, return_dict)
+        videos, lora_scale = check_call(timesteps, eta, num_videos_per_prompt, output_type, attention_kwargs,
+                                        return_dict)
         mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
         num_frames, height, width = call_size(self.config, self.vae.config, mode, num_frames, height, width)
         req = self.request(per_video(prompt, videos), negative_prompt=per_video(negative_prompt, videos),
@@ -314,8 +316,23 @@ class Pipeline:
             on_step = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs, req.batch,
                               req.guidance > 1.0)
         self._interrupt = False
-        result = self.run(req, None, generator, latents, on_step, progress=True)
+        with self.loras_scaled(lora_scale):
+            result = self.run(req, None, generator, latents, on_step, progress=True)
         return None if result is None else call_output(result.frames, output_type, return_dict)
+
+    @contextlib.contextmanager
+    def loras_scaled(self, factor: float):
+        """Within the block, every active LoRA's weight times `factor` (diffusers' attention_kwargs
+        scale); after it, the weights exactly as before. Without LoRAs there is nothing to scale."""
+        active = self.active_adapters()
+        if factor == 1.0 or not active:
+            yield
+            return
+        self.components.loras.set_active({name: weight * factor for name, weight in active.items()})
+        try:
+            yield
+        finally:
+            self.components.loras.set_active(active)
 
     @torch.no_grad()
     def generate(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
