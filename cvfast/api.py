@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from .build import build
@@ -9,6 +10,7 @@ from .checkpoints import Checkpoint, open_checkpoint
 from .checkpoints.lora import is_lora_hub_id
 from .core.checks import check_fp16, positive_int, resolve_device, resolve_dtype
 from .core.errors import CVFastInputError, bad_arg
+from .core.progress import progress
 from .models.config import TransformerConfig
 from .ops import resolve
 from .ops.quantized import check_precision, quantized
@@ -91,9 +93,14 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         if config is not None:
             par.check_model(config, cfg)
         step_cache.parse(cache, cfg.variant)
+    start = time.perf_counter()
     checkpoint = with_scheduler(open_checkpoint(model, check, base=base, trust_pickle=trust_pickle), scheduler)
+    progress.info("loading %s (%s) on %s in %s ...", checkpoint.name, checkpoint.transformer.variant, dev,
+                  str(dt).replace("torch.", ""))
     context = par.ParallelContext(config, dev) if config is not None else None
-    return build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision, compile), ops)
+    pipe = build(checkpoint, Runtime(dev, dt, placement, cuda_graph, context, cache, precision, compile), ops)
+    progress.info("loaded %s in %.1f s", checkpoint.name, time.perf_counter() - start)
+    return pipe
 
 
 def from_diffusers(pipeline, **load_options) -> Pipeline:

@@ -228,3 +228,13 @@ def test_num_videos_gives_each_video_its_own_seed(tmp_path):
     seeds = [json.loads((tmp_path / f"v-{i}.mp4.json").read_text())["seed"] for i in range(2)]
     assert seeds == [3, 4] and not np.array_equal(read_mp4(tmp_path / "v-0.mp4")[1], read_mp4(tmp_path / "v-1.mp4")[1])
     assert main(["generate", "--prompt", "a cat", "--num-videos", "0", "--out", str(tmp_path / "w.mp4")]) == 2
+
+
+def test_loading_and_decoding_say_what_they_do_unless_no_progress(tmp_path, capsys):
+    from cvfast.cli import main
+    assert main(["generate", "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "a.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "cvfast: loading tiny (5b) on cpu in float32 ..." in err and "cvfast: loaded tiny in" in err
+    assert "cvfast: decoding 3 latent frames into 9 frames at 64x96 ..." in err
+    assert main(["generate", "--prompt", "a cat", "--steps", "1", "--no-progress", "--out", str(tmp_path / "b.mp4")]) == 0
+    assert "loading" not in capsys.readouterr().err

@@ -19,6 +19,7 @@ from ..checkpoints.convert import convert_sat
 from ..core.checks import positive_int
 from ..core.errors import CVFastInputError
 from ..core.files import check_writable, write_text
+from ..core.progress import progress
 from ..ops.quantized import PRECISIONS
 from ..pipeline.accuracy import compare
 from . import export
@@ -424,10 +425,21 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # cli_demo's command lines have no command: they generate
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("cvfast: %(levelname)s: %(message)s"))
+    handler.setFormatter(LineFormatter())
     logger = logging.getLogger("cvfast")
     logger.addHandler(handler)
+    # Loading and decoding say what they do (cvfast.core.progress), unless --no-progress.
+    progress.setLevel(logging.WARNING if getattr(args, "no_progress", False) else logging.INFO)
     try:
         return run(functools.partial(with_flags, COMMANDS[args.command], argv), args)
     finally:  # main() called twice in one process (tests, notebooks) prints each line once
         logger.removeHandler(handler)
+        progress.setLevel(logging.NOTSET)
+
+
+class LineFormatter(logging.Formatter):
+    """`cvfast: <message>` for progress lines, `cvfast: WARNING: <message>` for the rest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"cvfast: {text}" if record.levelno == logging.INFO else f"cvfast: {record.levelname}: {text}"

@@ -1,1 +1,2 @@
-"""The bottom layer: cvfast's exception types and the argument checks every layer above shares."""
+"""The bottom layer: cvfast's exception types, the argument checks every layer above shares, the one
+place files are written (`files.py`) and the progress logger (`progress.py`)."""

@@ -18,6 +18,7 @@ import torch
 
 from ..core.errors import CVFastInputError, NonFiniteLatentsError, bad_arg
 from ..core.files import check_writable, write_text
+from ..core.progress import progress as log_progress
 from ..models.config import TransformerConfig
 from ..models.geometry import latent_shape, padding_frames
 from ..models.vae_tiling import decide
@@ -416,6 +417,9 @@ class Pipeline:
             return GenerationResult(latents, stages.timings, fps, seed, stages.peaks, report) if main else None
         with stages("decoding"):
             padding = padding_frames(self.config, self.vae.config, req.num_frames) if req.mode != "v2v" else 0
+            if progress:
+                log_progress.info("decoding %d latent frames into %d frames at %dx%d ...", latents.shape[1] - padding,
+                                  req.num_frames, req.height, req.width)
             video = self.decode(latents[:, padding:], req.vae_tiling)
             if video is None:  # another rank of a parallel job has the video
                 return None
