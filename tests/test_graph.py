@@ -220,3 +220,23 @@ def test_generate_refuses_a_graph_on_the_cpu_and_auto_runs_eagerly():
     kw = {"num_inference_steps": 2, "seed": 0, "progress": False, "output_type": "latent"}
     auto = pipe.generate("a cat", cuda_graph="auto", **kw).frames
     assert torch.equal(auto, pipe.generate("a cat", cuda_graph=False, **kw).frames) and pipe.graphs is None
+
+
+def test_a_call_with_another_scheduler_has_its_own_graph():
+    """generate(scheduler=...) for one call: the step of a DDIM call is never replayed for a DPM one
+    (the scheduler is part of the cache's key), and the DPM call equals a DPM pipeline's."""
+    pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu", dtype=torch.float32)
+    dpm_pipe = cvfast.load(tiny_folder("5b", "ddim"), device="cpu", dtype=torch.float32, scheduler="dpm")
+    kw = dict(num_inference_steps=3, seed=1, progress=False, output_type="latent", use_dynamic_cfg=True, **SIZE)
+    expected = dpm_pipe.generate(PROMPT, **kw).frames
+    assert torch.equal(pipe.generate(PROMPT, scheduler="dpm", **kw).frames, expected)
+    assert not torch.equal(pipe.generate(PROMPT, **kw).frames, expected)  # the pipeline's own DDIM
+    log = []
+    cache = graph.GraphCache(stand_in_capture(log))
+    denoise_through(pipe, cache, 1, **SIZE)
+    denoise_through(pipe, cache, 1, **SIZE)  # DDIM captured
+    got = denoise_through(pipe, cache, 1, scheduler="dpm", use_dynamic_cfg=True, **SIZE)
+    assert sorted(key.kind for key in cache.entries) == ["ddim", "dpm"]
+    assert torch.equal(got, expected)
+    with pytest.raises(CVFastInputError, match=r"scheduler='euler' is not accepted: None \(the pipeline's\) or one of"):
+        pipe.generate(PROMPT, scheduler="euler", **SIZE)

@@ -204,8 +204,9 @@ class Pipeline:
         the posterior draw (in encode_frames), then the noise."""
         if req.mode == "v2v":
             clean = encoded.expand(req.batch, -1, -1, -1, -1)
-            t0 = schedulers.timesteps(self.scheduler, req.steps)[req.start]
-            return schedulers.add_noise(self.scheduler, clean, self.randn(clean.shape, generator), int(t0)), None
+            sampler = req.scheduler or self.scheduler
+            t0 = schedulers.timesteps(sampler, req.steps)[req.start]
+            return schedulers.add_noise(sampler, clean, self.randn(clean.shape, generator), int(t0)), None
         shape = (req.batch, *latent_shape(self.config, self.vae.config, req.num_frames, req.height, req.width))
         noise = self.randn(shape, generator) if latents is None else latents.to(self.device, self.dtype)
         if req.mode == "t2v":
@@ -224,7 +225,7 @@ class Pipeline:
         a step cache's run (`cvfast/sampler/cache.py`), its schedule set here and its record filled;
         on_step: as `sampler.loop.denoise` takes it."""
         self._use("transformer")
-        plan = schedulers.make_plan(self.scheduler, req.steps, self.device, req.start)
+        plan = schedulers.make_plan(req.scheduler or self.scheduler, req.steps, self.device, req.start)
         if cache is not None:
             cache.schedule = self.cache_schedule(cache.policy, plan, text.shape[0])
         return loop.denoise(self.denoiser, latents, text, cond, plan, req.guidance, req.dynamic_cfg,
@@ -272,7 +273,8 @@ class Pipeline:
         ratios = result.cache["ratios"] if result is not None else []
         if path is not None:
             write_text(path, json.dumps({"model": self.name, "variant": self.config.variant,
-                                                "scheduler": self.scheduler.kind, "steps": len(ratios),
+                                                "scheduler": arguments.get("scheduler") or self.scheduler.kind,
+                                                "steps": len(ratios),
                                                 "ratios": ratios}, indent=1) + "\n")
         return ratios
 
@@ -344,7 +346,8 @@ class Pipeline:
                  latents: torch.Tensor | None = None, max_sequence_length: int | None = None,
                  vae_tiling: bool | str = "auto", output_type: str = "np", callback: Callable | None = None,
                  progress: bool = True, allow_untrained_size: bool = False,
-                 cuda_graph: bool | str | None = None, cache=None, fit: str = "crop") -> GenerationResult | None:
+                 cuda_graph: bool | str | None = None, cache=None, fit: str = "crop",
+                 scheduler: str | None = None) -> GenerationResult | None:
         """Generate video(s) for `prompt`.
 
         image: image-to-video (I2V models): a PIL image, uint8 array (H, W, 3) or float tensor
@@ -364,7 +367,8 @@ class Pipeline:
         transformer's blocks on some steps (None: the pipeline's, from `load()`; False: none; a spec
         such as "teacache:0.2", "fbcache:0.05", "magcache" with ratios, or a cvfast.TeaCache /
         FirstBlockCache / MagCache: `cvfast/sampler/cache.py`); result.cache says which steps ran.
-        Bad arguments raise
+        scheduler: None (the pipeline's) or "ddim" / "dpm" for this call, with the model's scheduler
+        settings. Bad arguments raise
         `CVFastInputError` before any work starts (`request()` checks them alone). In a parallel job
         (load(parallel=...)) every rank calls it with the same arguments; rank 0's seed or generator state is every rank's, rank 0
         alone shows progress, runs `callback` and returns the result, the other ranks return None.
@@ -377,7 +381,7 @@ class Pipeline:
                            use_dynamic_cfg=use_dynamic_cfg, seed=seed, generator=generator, latents=latents,
                            max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
                            output_type=output_type, allow_untrained_size=allow_untrained_size,
-                           cuda_graph=cuda_graph, cache=cache, fit=fit)
+                           cuda_graph=cuda_graph, cache=cache, fit=fit, scheduler=scheduler)
         on_step = None if callback is None else (lambda i, t, buf: callback(i, t, buf.latents))
         return self.run(req, seed, generator, latents, on_step, progress)
 

@@ -2,6 +2,7 @@
 naming the argument, its value and what is accepted) before any work starts."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from ..runtime import Runtime
 from ..runtime.tensorrt import TensorRTTransformer
 from ..sampler import cache as step_cache
 from ..sampler import graph, schedulers
+from ..sampler.schedulers import SCHEDULER_KINDS, SchedulerConfig
 from .components import Components
 from .media import FITS, frame_size, frames_list
 
@@ -54,6 +56,7 @@ class Request:
     cuda_graph: bool = False              # replay the step from a cached CUDA graph
     cache: object = None                  # a checked step-cache policy (`sampler.cache`), or None
     fit: str = "crop"                     # how conditioning frames of another aspect are fitted (media.FITS)
+    scheduler: SchedulerConfig | None = None  # this call's sampler (None: the pipeline's)
 
     @property
     def batch(self) -> int:
@@ -179,7 +182,7 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
              num_frames=None, height=None, width=None, num_inference_steps=50, guidance_scale=6.0,
              use_dynamic_cfg=False, seed=None, generator=None, latents=None, max_sequence_length=None,
              vae_tiling="auto", output_type="np", allow_untrained_size=False, cuda_graph=None, cache=None,
-             fit="crop") -> Request:
+             fit="crop", scheduler=None) -> Request:
     """generate()'s arguments (the same names and defaults) -> a Request, or the error of the first
     argument it cannot take."""
     cfg, vae, defaults = components.transformer.cfg, components.vae.config, components.defaults
@@ -228,5 +231,8 @@ def validate(components: Components, runtime: Runtime, *, prompt=None, negative_
     if policy is not None and isinstance(components.transformer, TensorRTTransformer):
         raise bad_arg("cache", policy.name, "None with backend='tensorrt': the engine runs the whole transformer "
                       "and does not expose its blocks' residual; use a PyTorch backend")
+    if scheduler not in (None, *SCHEDULER_KINDS.values()):
+        raise bad_arg("scheduler", scheduler, f"None (the pipeline's) or one of {sorted(set(SCHEDULER_KINDS.values()))}")
+    sampler = None if scheduler is None else dataclasses.replace(components.scheduler, kind=scheduler)
     return Request(text, num_frames, height, width, steps, bool(use_dynamic_cfg), output_type, mode, frames,
-                   image_noise_sigma, start, vae_tiling, use_graph, policy, fit)
+                   image_noise_sigma, start, vae_tiling, use_graph, policy, fit, sampler)

@@ -49,7 +49,7 @@ def denoise(denoiser, latents: torch.Tensor, text: torch.Tensor, cond: torch.Ten
     (naming `label`) when the latents became NaN/Inf, after the loop (one device read)."""
     copies = 2 if guidance > 1.0 else 1
     shape = static_step.StepShape.of(latents, text, cond, copies, len(plan.timesteps_host),
-                                     cache.policy.buffers if cache is not None else "")
+                                     cache.policy.buffers if cache is not None else "", plan.kind)
     allocate = functools.partial(static_step.allocate, shape, plan.kind, denoiser, latents.device, latents.dtype)
     entry = graphs.entry(shape, allocate) if graphs is not None else None
     buf = allocate() if entry is None else entry.buffers

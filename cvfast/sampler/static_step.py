@@ -36,11 +36,13 @@ class StepShape:
     text: tuple[int, ...]      # (copies * B, L, D)
     steps: int                 # the denoising steps that run
     cache: str = ""            # the step cache's buffers (`CacheBuffers.KINDS`), "" without one
+    kind: str = "ddim"         # the scheduler, whose update (and DPM's buffers) the step holds
 
     @classmethod
     def of(cls, latents: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None, copies: int,
-           steps: int, cache: str = "") -> StepShape:
-        return cls(tuple(latents.shape), 0 if cond is None else cond.shape[2], copies, tuple(text.shape), steps, cache)
+           steps: int, cache: str = "", kind: str = "ddim") -> StepShape:
+        return cls(tuple(latents.shape), 0 if cond is None else cond.shape[2], copies, tuple(text.shape), steps, cache,
+                   kind)
 
 
 @dataclass
