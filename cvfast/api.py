@@ -35,9 +35,10 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
     seeded random-weight model of the real architecture; its video is noise), or a diffusers
     CogVideoX pipeline object in memory (`from_diffusers`). device: default CUDA
     when present, else CPU. dtype (or diffusers' torch_dtype): default bf16 on CUDA, fp32 on CPU. backend: "auto", "reference",
-    "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", or "model" to keep
+    "sdpa", "triton" or "flash_attn" (see `cvfast.ops.resolve`). offload: "none", "model" to keep
     the components on the CPU and bring each to the device only while it runs (text encoder,
-    transformer, VAE). cuda_graph: generate()'s default: False, True (replay each denoising step
+    transformer, VAE), or "sequential": also the transformer's and T5's blocks one at a time (see
+    `cvfast/runtime/offload.py`). cuda_graph: generate()'s default: False, True (replay each denoising step
     from a CUDA graph captured per shape; CUDA only, without offload) or "auto" (see
     `cvfast/sampler/graph.py`). A SAT checkpoint directory (see `cvfast/checkpoints/sat.py`) also loads; base:
     the diffusers folder or hub id its text encoder, tokenizer and scheduler come from;
@@ -70,7 +71,8 @@ def load(model: str | Path, *, device=None, dtype=None, backend: str = "auto", a
         par.check_launch(config, offload, cuda_graph)
         config = config if config.world_size > 1 else None  # cfg=1,ulysses=1: a single process
     dev = resolve_device(device)
-    compile = check_compile(compile, engine=backend == "tensorrt" or engine is not None, parallel=config is not None)
+    compile = check_compile(compile, engine=backend == "tensorrt" or engine is not None, parallel=config is not None,
+                            offload=offload)
     if backend == "tensorrt" or engine is not None:
         if config is not None:
             raise bad_arg("parallel", parallel, "None with backend='tensorrt' (an engine runs on one GPU)")

@@ -47,5 +47,9 @@ def build(checkpoint: Checkpoint, runtime: Runtime, ops: OpSet, engine: TensorRT
         loras = None  # a LoRA cannot be merged into (or taken out of) FP8 weights
     if runtime.compile:
         compile_blocks(transformer.blocks, runtime.compile)
+    if transformer is not None:
+        runtime.offload.stream(transformer.blocks)  # offload="sequential": one block on the device at a time
+    if text_encoder.blocks() is not None:
+        runtime.offload.stream(text_encoder.blocks())
     return Pipeline(Components(checkpoint.name, engine or transformer.eval(), vae.eval(), text_encoder,
                                checkpoint.scheduler, ops, checkpoint.defaults, loras), runtime)

@@ -363,3 +363,20 @@ def test_fp8_pipeline_on_cuda_passes_the_gate():
     report = compare(cvfast.load("tiny", device="cuda"), fp8, "a red boat", num_inference_steps=4)
     assert report["passed"], report
     assert fp8.backends()["fp8_linear"] == "scaled-mm"
+
+
+def test_sequential_offload_holds_one_block_of_weights_on_the_gpu():
+    """offload="sequential": while a transformer block runs, it is the only block on the GPU, and the
+    video equals the resident pipeline's."""
+    pipe = cvfast.load("tiny", offload="sequential")
+    on_gpu = []
+
+    def count(module, args):  # a pre-hook registered after the offload's: the block has arrived
+        on_gpu.append(sum(next(b.parameters()).is_cuda for b in pipe.transformer.blocks))
+    for block in pipe.transformer.blocks:
+        block.register_forward_pre_hook(count)
+    kw = dict(num_inference_steps=2, seed=0, progress=False, output_type="latent")
+    frames = pipe.generate("a cat", **kw).frames
+    assert on_gpu and set(on_gpu) == {1}
+    assert all(not next(b.parameters()).is_cuda for b in pipe.transformer.blocks)  # all back home
+    assert torch.equal(frames, cvfast.load("tiny").generate("a cat", **kw).frames)

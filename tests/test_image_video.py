@@ -220,3 +220,28 @@ def test_video_to_video_adapts_a_video_the_model_does_not_take(caplog):
     assert pipe.generate("a cat", video=video, num_frames=9, height=64, width=96, **kw).frames.shape[1] == 3
     with pytest.raises(CVFastInputError, match="num_frames=17"):
         pipe.generate("a cat", video=video, num_frames=17, **kw)
+
+
+def test_sequential_offload_brings_one_block_at_a_time(monkeypatch):
+    """offload="sequential": the transformer's and T5's blocks each arrive right before their forward
+    and leave right after it, so no two are on the device at once; the video is the resident
+    pipeline's (on a CPU-only machine the moves are recorded; tests/test_cuda.py measures them)."""
+    kw = dict(num_inference_steps=2, seed=0, progress=False, output_type="latent")
+    pipe = cvfast.load("tiny", offload="sequential")
+    offload, events = pipe.runtime.offload, []
+    blocks = {id(b): f"transformer {i}" for i, b in enumerate(pipe.transformer.blocks)}
+    blocks.update({id(b): f"t5 {i}" for i, b in enumerate(pipe.text_encoder.blocks())})
+    monkeypatch.setattr(offload, "arrive", lambda block: events.append(("in", blocks[id(block)])))
+    monkeypatch.setattr(offload, "leave", lambda block: events.append(("out", blocks[id(block)])))
+    frames = pipe.generate("a cat", **kw).frames
+    assert torch.equal(frames, cvfast.load("tiny").generate("a cat", **kw).frames)
+    assert [e[0] for e in events] == ["in", "out"] * (len(events) // 2)  # never two blocks at once
+    assert all(a[1] == b[1] for a, b in zip(events[::2], events[1::2]))
+    arrivals = [name for kind, name in events if kind == "in"]
+    assert arrivals == ["t5 0", "t5 1"] + ["transformer 0", "transformer 1"] * 2  # 2 steps
+    with pytest.raises(CVFastInputError, match="compile=True is not accepted: False with offload='sequential'"):
+        cvfast.load("tiny", offload="sequential", compile=True)
+    from cvfast.sampler import graph
+    with pytest.raises(CVFastInputError, match="cuda_graph=True is not accepted: False or 'auto' with "
+                                               "offload='sequential'"):
+        graph.check_setting(True, torch.device("cuda"), "sequential")

@@ -148,8 +148,9 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--fit", default="crop", choices=["crop", "pad", "stretch"],
                      help="an --image or --video of another aspect than the output: its centre, black borders, "
                           "or stretched")
-    gen.add_argument("--offload", default="none", choices=["none", "model"],
-                     help="'model': keep components on the CPU, each on the GPU only while it runs")
+    gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                     help="'model': keep components on the CPU, each on the GPU only while it runs; "
+                          "'sequential': also the transformer's and T5's blocks one at a time (small GPUs)")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
     gen.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                      help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")

@@ -15,6 +15,10 @@ class TextEncoder:
     def __init__(self, tokenizer, model: torch.nn.Module):
         self.tokenizer, self.model = tokenizer, model
 
+    def blocks(self) -> torch.nn.ModuleList | None:
+        """The T5 encoder's blocks (what sequential offload streams), or None for another model."""
+        return getattr(getattr(self.model, "encoder", None), "block", None)
+
     def warn_if_truncated(self, prompts: list[str], max_length: int) -> None:
         for prompt in prompts:
             ids = self.tokenizer(prompt, add_special_tokens=True).input_ids

@@ -21,7 +21,7 @@ MODES = {True: "default", "max-autotune": "max-autotune-no-cudagraphs"}
 ACCEPTED = "False, True or 'max-autotune'"
 
 
-def check_compile(compile, *, engine: bool, parallel: bool):
+def check_compile(compile, *, engine: bool, parallel: bool, offload: str = "none"):
     """The validated compile= setting (False when off)."""
     if compile is False or compile is None:
         return False
@@ -31,6 +31,9 @@ def check_compile(compile, *, engine: bool, parallel: bool):
         raise bad_arg("compile", compile, "False with backend='tensorrt' (the engine is already compiled)")
     if parallel:
         raise bad_arg("compile", compile, "False in a parallel job (its blocks' all-to-all are not traced yet)")
+    if offload == "sequential":
+        raise bad_arg("compile", compile, "False with offload='sequential' (its hooks move each block's weights "
+                      "around the block's call)")
     return compile
 
 
