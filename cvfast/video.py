@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core.errors import OutputError, bad_arg
+from .core.errors import CVFastInputError, OutputError, bad_arg
 from .core.files import check_writable, replacing
 
 # ffmpeg's output options per suffix. mp4: H.264 at CRF 10 (what imageio's quality 8 gives), yuv420p,
@@ -141,3 +141,20 @@ def encode(video: np.ndarray, path: Path, fps) -> None:
         said = done.stderr.decode(errors="replace").strip().splitlines()
         raise OutputError(f"ffmpeg could not write the video (exit status {done.returncode}): "
                           f"{said[-1] if said else 'no message'}")
+
+
+def read_video(path, argument: str = "video") -> np.ndarray:
+    """A video file's frames (F, H, W, 3) uint8, decoded by imageio-ffmpeg's ffmpeg; CVFastInputError
+    naming `argument` (a Python argument or the flag typed) when there is no such file or it does not
+    decode."""
+    import imageio_ffmpeg
+    if not Path(path).is_file():
+        raise CVFastInputError(f"{argument} {str(path)!r} is not accepted: no such file")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        width, height = next(reader)["size"]
+        return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+    except (OSError, RuntimeError, StopIteration, ValueError) as exc:
+        said = str(exc).strip().splitlines()  # ffmpeg's banner first, its complaint last
+        raise CVFastInputError(f"{argument} {str(path)!r} cannot be read as a video: "
+                               f"{said[-1] if said else type(exc).__name__}") from None

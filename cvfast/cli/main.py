@@ -5,16 +5,16 @@ import argparse
 import functools
 import json
 import logging
+import os
 import random
 import sys
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch.distributed as dist
 
 from ..api import check_loras, generate, load
-from ..video import check_video_path, save_video, video_paths
+from ..video import check_video_path, read_video, save_video, video_paths
 from ..checkpoints.convert import convert_sat
 from ..core.checks import positive_int
 from ..core.errors import CVFastInputError
@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--out", default=None, help="also write the report as JSON there")
     _add_run_arguments(check)
     check.set_defaults(precision="fp8", steps=8)  # a short generation: the error compounds over the steps
+    server = sub.add_parser("serve", help="serve a warm model: an HTTP job API and a web page "
+                                          "(pip install 'cvfast[serve]')")
+    server.add_argument(*FLAGS["model"], dest="model", required=True, help="model folder, hub id, or 'tiny'")
+    server.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    server.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    server.add_argument("--store", default="cvfast-store",
+                        help="folder of the jobs' database (SQLite) and their videos; a restart on it resumes")
+    server.add_argument("--max-queue", type=int, default=64, help="jobs that may wait; one more gets 429")
+    server.add_argument("--token", default=os.environ.get("CVFAST_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' (default: $CVFAST_TOKEN; unset: no token)")
+    server.add_argument("--cache", default=None, metavar="SPEC", help="the jobs' default step cache (see generate)")
+    _add_load_arguments(server)
+    server.set_defaults(parallel=None)
     export.add_parser(sub)
     return parser
 
@@ -125,21 +138,7 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
                      help="classifier-free guidance scale (<= 1: none)")
     gen.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule")
     gen.add_argument("--seed", type=seed_value, default=None, help="0 to 2**64 - 1 (default: a random one)")
-    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
-    gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    gen.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
-    gen.add_argument("--scheduler", default=None, choices=["ddim", "dpm"],
-                     help="the sampler, with the model's scheduler settings (default: the model's)")
-    gen.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
-    gen.add_argument("--allow-fp16", action="store_true",
-                     help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
-    gen.add_argument("--precision", default="bf16", choices=PRECISIONS,
-                     help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
-                          "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the transformer blocks (compiled once, on the first step)")
-    gen.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
-                     help="torch.compile's mode (implies --compile; default: default)")
+    _add_load_arguments(gen)
     gen.add_argument("--image", default=None, help="image file: image-to-video (needs an I2V model)")
     gen.add_argument("--image-noise-sigma", default=None,
                      help="first-frame noise augmentation of the SAT engine: a number or 'sample' (default off)")
@@ -148,12 +147,7 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--fit", default="crop", choices=["crop", "pad", "stretch"],
                      help="an --image or --video of another aspect than the output: its centre, black borders, "
                           "or stretched")
-    gen.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
-                     help="'model': keep components on the CPU, each on the GPU only while it runs; "
-                          "'sequential': also the transformer's and T5's blocks one at a time (small GPUs)")
     gen.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"])
-    gen.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
-                     help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")
     gen.add_argument(*FLAGS["lora"], dest="lora", action="append", default=[], metavar="PATH",
                      help="a LoRA merged into the weights (repeatable): diffusers/PEFT .safetensors, or SAT "
                           "matrix_A/matrix_B adapters (a SAT checkpoint directory, its .pt, or a .safetensors)")
@@ -162,7 +156,31 @@ def _add_run_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
                      help="spread one video over the ranks of a torchrun job (torchrun --nproc-per-node C*U -m "
                           "cvfast generate ...): CFG branches on C in {1, 2} ranks, video tokens over U ranks")
-    _add_sat_arguments(gen)
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to load the model: the flags generate, calibrate-cache, check-precision and serve share."""
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
+    parser.add_argument("--backend", default="auto", help="auto, reference, sdpa, triton, flash_attn or tensorrt")
+    parser.add_argument("--scheduler", default=None, choices=["ddim", "dpm"],
+                        help="the sampler, with the model's scheduler settings (default: the model's)")
+    parser.add_argument("--engine", default=None, help="with --backend tensorrt: an engine from `cvfast export tensorrt`")
+    parser.add_argument("--allow-fp16", action="store_true",
+                        help="run a 5B or 1.5 model in float16 anyway (it overflows there: black frames)")
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS,
+                        help="the denoiser's 8-bit parts: fp8 (FP8 linears and 8-bit attention), fp8-linear, "
+                             "fp8-attention; bf16: none (default). CUDA 8.9+ in bf16, emulated on the CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer blocks (compiled once, on the first step)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
+                        help="torch.compile's mode (implies --compile; default: default)")
+    parser.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                        help="'model': keep components on the CPU, each on the GPU only while it runs; "
+                             "'sequential': also the transformer's and T5's blocks one at a time (small GPUs)")
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                        help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")
+    _add_sat_arguments(parser)
 
 
 def seed_value(text: str) -> int:
@@ -204,18 +222,7 @@ def _read_inputs(args) -> dict:
     if args.image is not None:
         out["image"] = read_image(args.image, "--image")
     if args.video is not None:
-        import imageio_ffmpeg
-        if not Path(args.video).is_file():
-            raise CVFastInputError(f"--video {args.video!r} is not accepted: no such file")
-        try:
-            reader = imageio_ffmpeg.read_frames(args.video)
-            meta = next(reader)
-            width, height = meta["size"]
-            out["video"] = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
-        except (OSError, RuntimeError, StopIteration) as exc:
-            said = str(exc).strip().splitlines()  # ffmpeg's banner first, its complaint last
-            raise CVFastInputError(f"--video {args.video!r} cannot be read as a video: "
-                                   f"{said[-1] if said else type(exc).__name__}") from None
+        out["video"] = read_video(args.video, "--video")
         out["strength"] = args.strength
     if args.image_noise_sigma is not None:
         sigma = args.image_noise_sigma
@@ -416,8 +423,25 @@ def with_flags(command, argv: list[str], args) -> int:
         raise type(exc)(renamed) from None
 
 
+def run_serve(args) -> int:
+    if not 0 < args.port < 2 ** 16:
+        raise CVFastInputError(f"--port {args.port} is not accepted: 1 to 65535")
+    positive_int("--max-queue", args.max_queue)
+    check_writable(args.store, "--store", directory=True)
+    try:
+        from ..serve import serve
+    except ImportError as exc:
+        raise CVFastInputError(f"serve needs FastAPI and uvicorn: pip install 'cvfast[serve]' ({exc})") from None
+    pipe = load(args.model, **load_arguments(args), cache=args.cache,
+                cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
+    print(f"cvfast: serving {pipe.name} on http://{args.host}:{args.port} (store {args.store}"
+          f"{', token required' if args.token else ''})", file=sys.stderr, flush=True)
+    serve(pipe, args.store, host=args.host, port=args.port, max_queue=args.max_queue, token=args.token)
+    return 0
+
+
 COMMANDS = {"generate": run_generate, "calibrate-cache": run_calibrate, "convert-sat": run_convert_sat,
-            "check-precision": run_check_precision, "export": export.run}
+            "check-precision": run_check_precision, "serve": run_serve, "export": export.run}
 
 
 def main(argv: list[str] | None = None) -> int:

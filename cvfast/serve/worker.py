@@ -1,0 +1,123 @@
+"""What a job is and who runs it: `generation_arguments` turns a submitted JSON body into
+`Pipeline.generate` arguments, checked by the pipeline's own `request()` (the Python API's rules and
+messages) before the job is queued; `Worker` runs the queued jobs one at a time on the one warm
+pipeline (one GPU, one worker), writing progress to the store after each step and the video beside
+it, atomically. Compatible jobs are not batched: that has not been measured to help."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import random
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+from ..core.checks import positive_int
+from ..core.errors import CVFastError, CVFastInputError, bad_arg
+from ..video import read_video, save_video
+from .store import Store
+
+log = logging.getLogger("cvfast")
+
+# The body's fields: generate()'s arguments the API takes, and the output's fps and format.
+GENERATE_FIELDS = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps",
+                   "guidance_scale", "use_dynamic_cfg", "cache", "image", "video", "strength")
+FIELDS = (*GENERATE_FIELDS, "seed", "fps", "format")
+FORMATS = ("mp4", "webm", "gif")
+POLL_S = 0.05  # how often an idle worker looks for a queued job
+
+
+class Cancelled(Exception):
+    """Raised from the step callback when the job's cancel was asked."""
+
+
+def decoded_image(text: str):
+    from PIL import Image
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+    except (binascii.Error, OSError, ValueError) as exc:
+        raise bad_arg("image", f"<{len(text)} base64 characters>", f"a base64 PNG or JPEG file ({exc})") from None
+
+
+def decoded_video(text: str):
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_arg("video", f"<{len(text)} base64 characters>", f"a base64 video file ({exc})") from None
+    with tempfile.TemporaryDirectory() as folder:  # ffmpeg reads files
+        path = Path(folder) / "input"
+        path.write_bytes(data)
+        return read_video(path, "video")
+
+
+def generation_arguments(body) -> dict:
+    """A submitted body's generate() arguments (images and videos decoded), or CVFastInputError
+    naming the field. `seed`, `fps` and `format` are checked here and left out."""
+    if not isinstance(body, dict):
+        raise CVFastInputError("the body is not accepted: a JSON object of generation arguments")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise CVFastInputError(f"unknown field{'s' if len(unknown) > 1 else ''} {unknown}: the fields are {list(FIELDS)}")
+    if not isinstance(body.get("prompt"), str):
+        raise bad_arg("prompt", body.get("prompt"), "a string")
+    if body.get("format", "mp4") not in FORMATS:
+        raise bad_arg("format", body.get("format"), f"one of {list(FORMATS)}")
+    if body.get("fps") is not None:
+        positive_int("fps", body["fps"])
+    arguments = {key: body[key] for key in GENERATE_FIELDS if key in body}
+    if "image" in arguments:
+        arguments["image"] = decoded_image(arguments["image"])
+    if "video" in arguments:
+        arguments["video"] = decoded_video(arguments["video"])
+    return arguments
+
+
+def submit(pipe, store: Store, body, max_queue: int) -> dict:
+    """Check the body as generate() would, choose the seed, queue the job (QueueFull when full)."""
+    arguments = generation_arguments(body)
+    seed = body.get("seed")
+    if seed is None:
+        seed = random.randrange(2 ** 63)
+    request = pipe.request(seed=seed, **arguments)  # the Python API's checks and messages
+    return store.add(dict(body, seed=seed), seed, request.steps - request.start, max_queue)
+
+
+class Worker(threading.Thread):
+    """Runs queued jobs one at a time on `pipe`, until `stop` is set."""
+
+    def __init__(self, pipe, store: Store, videos: Path):
+        super().__init__(name="cvfast-worker", daemon=True)
+        self.pipe, self.store, self.videos = pipe, store, videos
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            job = self.store.claim()
+            if job is None:
+                self.stop.wait(POLL_S)
+                continue
+            self.execute(job)
+
+    def execute(self, job: dict) -> None:
+        job_id = job["id"]
+        body = self.store.arguments(job_id)
+
+        def on_step(step, timestep, latents):
+            if self.store.progress(job_id, step + 1):
+                raise Cancelled
+        try:
+            result = self.pipe.generate(seed=job["seed"], callback=on_step, progress=False,
+                                        **generation_arguments({k: v for k, v in body.items() if k != "seed"}))
+            path = self.videos / f"{job_id}.{body.get('format', 'mp4')}"
+            save_video(result.frames[0], path, fps=body.get("fps") or result.fps)
+            self.store.succeed(job_id, path.name, result.timings)
+        except Cancelled:
+            self.store.fail(job_id, "cancelled while running", status="cancelled")
+        except CVFastError as exc:
+            self.store.fail(job_id, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the worker must outlive one broken job; the error is the job's record
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            self.store.fail(job_id, f"{type(exc).__name__}: {exc}")
