@@ -16,21 +16,25 @@ peft = require("peft")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "proj_out"]
 
 
-@pytest.fixture(scope="module")
-def lora_file(tmp_path_factory):
-    """A random rank-4, alpha-8 LoRA on most linear layers of the tiny 5B-like model, saved by
-    diffusers with its adapter metadata (so alpha travels in the file)."""
+def saved_lora(folder, seed: int, rank: int, alpha: int, targets: list[str]):
+    """A random LoRA on the tiny 5B-like model's `targets`, saved by diffusers into `folder` with its
+    adapter metadata (so alpha travels in the file)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     pipe = diffusers.CogVideoXPipeline.from_pretrained(tiny_folder("5b", "ddim"))
-    torch.manual_seed(7)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
     pipe.transformer.add_adapter(config)
-    out = tmp_path_factory.mktemp("lora")
     diffusers.CogVideoXPipeline.save_lora_weights(
-        out, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
         transformer_lora_adapter_metadata=config.to_dict())
-    return out / "pytorch_lora_weights.safetensors"
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A random rank-4, alpha-8 LoRA on most linear layers."""
+    return saved_lora(tmp_path_factory.mktemp("lora"), 7, 4, 8, TARGETS)
 
 
 def test_merged_lora_matches_diffusers_fuse_lora(lora_file):
@@ -118,18 +122,8 @@ def test_cli_lora(tmp_path):
 
 @pytest.fixture(scope="module")
 def second_lora(tmp_path_factory):
-    """Another random LoRA (rank 2, alpha 2) on the attention layers only, saved by diffusers."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    pipe = diffusers.CogVideoXPipeline.from_pretrained(tiny_folder("5b", "ddim"))
-    torch.manual_seed(8)
-    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v", "to_out.0"])
-    pipe.transformer.add_adapter(config)
-    out = tmp_path_factory.mktemp("lora2")
-    diffusers.CogVideoXPipeline.save_lora_weights(
-        out, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-        transformer_lora_adapter_metadata=config.to_dict())
-    return out / "pytorch_lora_weights.safetensors"
+    """Another random LoRA (rank 2, alpha 2) on the attention layers only."""
+    return saved_lora(tmp_path_factory.mktemp("lora2"), 8, 2, 2, ["to_q", "to_v", "to_out.0"])
 
 
 def test_set_adapters_matches_diffusers(lora_file, second_lora):

@@ -156,10 +156,12 @@ def flash_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
     return _flash_head_dim_reasons(qkv.shape[-1] // (3 * heads))
 
 
-def _flash_impl(fn, why_not) -> Impl:
-    if FLASH_IMPORT_ERROR is not None:
-        return placeholder("flash_attn", FLASH_IMPORT_ERROR)
-    return Impl("flash_attn", fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=(8, 0),
+def _optional_impl(backend: str, import_error: Exception | None, fn, why_not) -> Impl:
+    """An optional package's backend (CUDA, fp16/bf16, Ampere on), or the placeholder naming why it
+    did not import."""
+    if import_error is not None:
+        return placeholder(backend, import_error)
+    return Impl(backend, fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=(8, 0),
                 why_not=why_not)
 
 
@@ -189,13 +191,6 @@ def sage_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) ->
 
 def sage_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
     return _sage_head_dim_reasons(qkv.shape[-1] // (3 * heads))
-
-
-def _sage_impl(fn, why_not) -> Impl:
-    if SAGE_IMPORT_ERROR is not None:
-        return placeholder("sageattention", SAGE_IMPORT_ERROR)
-    return Impl("sageattention", fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=(8, 0),
-                why_not=why_not)
 
 
 # -- triton ----------------------------------------------------------------------------------------
@@ -269,14 +264,16 @@ def triton_joint_why_not(qkv, heads, q_weight, q_bias, k_weight, k_bias, eps, co
 
 register("attention", attention, [
     Impl("sdpa", sdpa_attention, why_not=sdpa_why_not),
-    _flash_impl(flash_attention, flash_why_not),
+    _optional_impl("flash_attn", FLASH_IMPORT_ERROR, flash_attention, flash_why_not),
     triton_impl(triton_attention, triton_why_not),
-    _sage_impl(sage_attention, sage_why_not),
+    _optional_impl("sageattention", SAGE_IMPORT_ERROR, sage_attention, sage_why_not),
 ])
 register("joint_attention", joint_attention, [
     Impl("sdpa", functools.partial(joint_attention, attend=sdpa_attention), why_not=sdpa_joint_why_not),
-    _flash_impl(functools.partial(joint_attention, attend=flash_attention), flash_joint_why_not),
+    _optional_impl("flash_attn", FLASH_IMPORT_ERROR, functools.partial(joint_attention, attend=flash_attention),
+                   flash_joint_why_not),
     triton_impl(joint_attention_op, triton_joint_why_not),
-    _sage_impl(functools.partial(joint_attention, attend=sage_attention), sage_joint_why_not),
+    _optional_impl("sageattention", SAGE_IMPORT_ERROR, functools.partial(joint_attention, attend=sage_attention),
+                   sage_joint_why_not),
 ])
 register("rope", rope)
