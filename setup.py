@@ -125,10 +125,10 @@ setup(
         "test": ["pytest>=8", "diffusers>=0.32", "peft>=0.12", "matplotlib>=3.8",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1",
                  "import-linter>=2.1",  # the layer contract (.importlinter), run by `make test`
-                 "fastapi>=0.110", "uvicorn>=0.29",  # `cvfast serve`, tested end to end
+                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9",  # `cvfast serve`, tested end to end
                  "selenium>=4.20"],  # drives Debian's chromium through the served page
         # `cvfast serve`: the HTTP job API and its page.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],  # multipart: uploaded files
         "bench": ["matplotlib>=3.8"],
         # cvfast.export_onnx: torch's dynamo exporter (onnxscript, onnx-ir) and the onnxruntime check.
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnx-ir>=0.1"],

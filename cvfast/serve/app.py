@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core.errors import CVFastInputError
 from .page import PAGE
 from .store import FINAL, QueueFull, Store
-from .worker import submit
+from .worker import form_body, submit
 
 # A request body larger than this is refused (413) before it is read whole: a base64 image or short
 # video fits many times over; a runaway upload does not fill the server's memory.
@@ -52,13 +52,18 @@ def create_app(pipe, store: Store, videos: Path, *, max_queue: int, token: str |
     async def create(request: Request):
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             raise HTTPException(413, f"the body is larger than {MAX_BODY_BYTES // 2 ** 20} MiB")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"the body is larger than {MAX_BODY_BYTES // 2 ** 20} MiB")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CVFastInputError(f"the body is not accepted: JSON expected ({exc})") from None
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_part_size=MAX_BODY_BYTES)
+            files = {key: await value.read() for key, value in form.items() if hasattr(value, "read")}
+            body = form_body({key: value for key, value in form.items() if key not in files}, files)
+        else:
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise HTTPException(413, f"the body is larger than {MAX_BODY_BYTES // 2 ** 20} MiB")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CVFastInputError(f"the body is not accepted: JSON or a multipart form expected ({exc})") from None
         job = await asyncio.to_thread(submit, pipe, store, body, max_queue)  # decoding media, checking sizes
         return {"id": job["id"], "status": job["status"]}
 

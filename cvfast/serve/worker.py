@@ -27,6 +27,11 @@ GENERATE_FIELDS = ("prompt", "negative_prompt", "num_frames", "height", "width",
                    "guidance_scale", "use_dynamic_cfg", "cache", "image", "video", "strength")
 FIELDS = (*GENERATE_FIELDS, "seed", "fps", "format")
 FORMATS = ("mp4", "webm", "gif")
+# A multipart form's fields arrive as text: their JSON types, for the fields that are not strings.
+FORM_TYPES = {**{key: (int, "an integer") for key in ("num_frames", "height", "width", "num_inference_steps", "seed",
+                                                      "fps")},
+              **{key: (float, "a number") for key in ("guidance_scale", "strength")},
+              "use_dynamic_cfg": (lambda text: {"true": True, "false": False}[text.lower()], "true or false")}
 POLL_S = 0.05  # how often an idle worker looks for a queued job
 
 
@@ -51,6 +56,20 @@ def decoded_video(text: str):
         path = Path(folder) / "input"
         path.write_bytes(data)
         return read_video(path, "video")
+
+
+def form_body(fields: dict[str, str], files: dict[str, bytes]) -> dict:
+    """A multipart form as the JSON body it stands for: text fields typed (`FORM_TYPES`), uploaded
+    `image` / `video` files base64-encoded (so both kinds of request are stored alike)."""
+    body = {}
+    for key, text in fields.items():
+        parse, accepted = FORM_TYPES.get(key, (str, "text"))
+        try:
+            body[key] = parse(text)
+        except (ValueError, KeyError):
+            raise bad_arg(key, text, accepted) from None
+    body.update({key: base64.b64encode(data).decode() for key, data in files.items()})
+    return body
 
 
 def generation_arguments(body) -> dict:
