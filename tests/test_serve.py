@@ -28,16 +28,20 @@ STEPS = 2
 
 
 class Server:
-    """`python -m cvfast serve --model tiny` on a free loopback port, and an HTTP client for it."""
+    """`python -m cvfast serve --model tiny` on a free loopback port (with `ranks` > 1 under torchrun,
+    CPU processes over gloo), and an HTTP client for it."""
 
-    def __init__(self, store: Path, *args: str, token: str | None = None):
+    def __init__(self, store: Path, *args: str, token: str | None = None, ranks: int = 1):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.token, self.log = token, open(store.parent / f"server-{self.port}.log", "w")
         env = dict(os.environ, CVFAST_TOKEN=token) if token else {k: v for k, v in os.environ.items()
                                                                    if k != "CVFAST_TOKEN"}
-        self.process = subprocess.Popen([sys.executable, "-m", "cvfast", "serve", "--model", "tiny", "--port",
+        launcher = [sys.executable] if ranks == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+        env.update(OMP_NUM_THREADS="1") if ranks > 1 else None
+        self.process = subprocess.Popen([*launcher, "-m", "cvfast", "serve", "--model", "tiny", "--port",
                                          str(self.port), "--store", str(store), *args], stdout=self.log,
                                         stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + STARTUP_S
@@ -178,7 +182,7 @@ def test_sigkill_loses_no_job_and_serves_none_twice(servers, tmp_path):
     done = first.call("POST", "/v1/videos", {"prompt": "done before", "num_inference_steps": STEPS})[1]["id"]
     first.wait(done)
     before = first.call("GET", f"/v1/videos/{done}/content")[1]
-    running = first.call("POST", "/v1/videos", {"prompt": "interrupted", "num_inference_steps": 400, "seed": 7})[1]["id"]
+    running = first.call("POST", "/v1/videos", {"prompt": "interrupted", "num_inference_steps": 200, "seed": 7})[1]["id"]
     queued = [first.call("POST", "/v1/videos", {"prompt": f"queued {i}", "num_inference_steps": STEPS})[1]["id"]
               for i in range(2)]
     first.wait(running, until=("running",))
@@ -211,6 +215,25 @@ def test_a_video_uploaded_as_a_multipart_form(servers, tmp_path):
     assert server.call("GET", f"/v1/videos/{body['id']}/content")[1] == expected
     status, body = server.upload({"prompt": "a cat", "num_inference_steps": "many"}, {})
     assert status == 422 and body["detail"] == "num_inference_steps='many' is not accepted: an integer"
+
+
+def test_under_torchrun_rank_0_serves_and_both_ranks_generate(servers, tmp_path):
+    """--parallel cfg=2 on two CPU processes (gloo): the job's video is one process's (CFG halves on
+    two ranks agree with one rank to fp32 rounding, so the frames, not the encoded bytes, are
+    compared); stopping the server stops every rank."""
+    import numpy as np
+    server = servers("--parallel", "cfg=2", ranks=2)
+    job = server.call("POST", "/v1/videos", {"prompt": "a cat", "num_inference_steps": STEPS, "seed": 3})[1]["id"]
+    assert server.wait(job)["status"] == "succeeded"
+    (tmp_path / "served.mp4").write_bytes(server.call("GET", f"/v1/videos/{job}/content")[1])
+    pipe = cvfast.load("tiny")
+    result = pipe.generate("a cat", seed=3, num_inference_steps=STEPS, progress=False)
+    expected = cvfast.save_video(result.frames[0], tmp_path / "expected.mp4", fps=result.fps)
+    served, single = (cvfast.video.read_video(path).astype(np.float32) for path in (tmp_path / "served.mp4", expected))
+    assert served.shape == single.shape and np.abs(served - single).mean() < 0.5  # of 255
+    server.stop()  # torchrun passes the signal to every rank
+    with pytest.raises(OSError):
+        server.call("GET", "/v1/health")
 
 
 def test_a_job_interrupted_twice_fails_with_the_reason(tmp_path):
@@ -259,3 +282,13 @@ def test_the_page_in_headless_chromium(servers, tmp_path):
         assert rows and "a red panda" in rows[0].text
     finally:
         driver.quit()
+
+
+def test_a_clean_stop_puts_the_running_job_back_in_the_queue(servers):
+    first = servers()
+    job = first.call("POST", "/v1/videos", {"prompt": "long", "num_inference_steps": 200})[1]["id"]
+    first.wait(job, until=("running",))
+    first.stop(signal.SIGINT)  # Ctrl-C
+    second = servers()
+    finished = second.wait(job)
+    assert finished["status"] == "succeeded" and finished["attempts"] == 1  # the stopped run was not counted

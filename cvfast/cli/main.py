@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--token", default=os.environ.get("CVFAST_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' (default: $CVFAST_TOKEN; unset: no token)")
     server.add_argument("--cache", default=None, metavar="SPEC", help="the jobs' default step cache (see generate)")
+    server.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
+                        help="under torchrun: rank 0 serves, every rank generates each job")
     _add_load_arguments(server)
-    server.set_defaults(parallel=None)
     export.add_parser(sub)
     return parser
 
@@ -429,14 +430,18 @@ def run_serve(args) -> int:
     positive_int("--max-queue", args.max_queue)
     check_writable(args.store, "--store", directory=True)
     try:
-        from ..serve import serve
+        from ..serve import follow, serve
     except ImportError as exc:
         raise CVFastInputError(f"serve needs FastAPI and uvicorn: pip install 'cvfast[serve]' ({exc})") from None
     pipe = load(args.model, **load_arguments(args), cache=args.cache,
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
-    print(f"cvfast: serving {pipe.name} on http://{args.host}:{args.port} (store {args.store}"
-          f"{', token required' if args.token else ''})", file=sys.stderr, flush=True)
-    serve(pipe, args.store, host=args.host, port=args.port, max_queue=args.max_queue, token=args.token)
+    if pipe.parallel is not None and pipe.parallel.rank != 0:
+        follow(pipe)  # until rank 0's server stops
+    else:
+        print(f"cvfast: serving {pipe.name} on http://{args.host}:{args.port} (store {args.store}"
+              f"{', token required' if args.token else ''})", file=sys.stderr, flush=True)
+        serve(pipe, args.store, host=args.host, port=args.port, max_queue=args.max_queue, token=args.token)
+    _end_distributed()
     return 0
 
 

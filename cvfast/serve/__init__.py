@@ -10,9 +10,9 @@ from pathlib import Path
 from ..core.files import check_writable
 from .app import create_app
 from .store import Store
-from .worker import Worker
+from .worker import Worker, follow
 
-__all__ = ["serve", "open_server", "Store", "Worker", "create_app"]
+__all__ = ["serve", "open_server", "follow", "Store", "Worker", "create_app"]
 
 
 def model_info(pipe) -> dict:
@@ -46,3 +46,4 @@ def serve(pipe, store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         worker.stop.set()
+        worker.join()  # its job ends, and in a parallel job its "stop" reaches the other ranks

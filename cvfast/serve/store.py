@@ -4,9 +4,10 @@ returns. Nothing about a job is held only in memory: the worker, the API and the
 here. Every change is one transaction, serialised by a lock (the API's threads and the worker share
 the connection).
 
-States: queued -> running -> succeeded | failed | cancelled; queued -> cancelled. A job that was
-running when the server died is queued again once at the next start (`recover`), and failed with
-the reason if it was already such a second attempt."""
+States: queued -> running -> succeeded | failed | cancelled; queued -> cancelled. A job running when
+the server stops cleanly goes back to the queue (`requeue`); one that was running when the server
+died is queued again once at the next start (`recover`), and failed with the reason if it was
+already such a second attempt."""
 from __future__ import annotations
 
 import json
@@ -129,6 +130,11 @@ class Store:
                          "cancel = CASE status WHEN 'running' THEN 1 ELSE cancel END WHERE id = ?", now, job_id)
         return self.get(job_id)
 
+    def requeue(self, job_id: str) -> None:
+        """A running job back in the queue, its attempt not counted (the server stopped it cleanly)."""
+        self.transaction("UPDATE jobs SET status = 'queued', step = 0, attempts = attempts - 1, started = NULL "
+                         "WHERE id = ? AND status = 'running'", job_id)
+
     def recover(self) -> list[str]:
         """At start: jobs that were running when the server died are queued again, or failed when
         they already had their second attempt. Returns their ids."""
@@ -157,6 +163,7 @@ class Store:
 def view(row: sqlite3.Row, ahead: int | None) -> dict:
     """A job as the API shows it."""
     job = {key: row[key] for key in ("id", "status", "seed", "created", "started", "finished", "error", "attempts")}
+    job["cancel_asked"] = bool(row["cancel"])
     arguments = {key: f"<{len(value)} base64 characters>" if key in MEDIA else value
                  for key, value in json.loads(row["arguments"]).items()}
     job.update(progress={"step": row["step"], "steps": row["steps"]}, arguments=arguments,

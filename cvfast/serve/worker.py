@@ -12,6 +12,7 @@ import logging
 import random
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -37,6 +38,10 @@ POLL_S = 0.05  # how often an idle worker looks for a queued job
 
 class Cancelled(Exception):
     """Raised from the step callback when the job's cancel was asked."""
+
+
+class Interrupted(Exception):
+    """Raised from the step callback when the server stops: the job goes back to the queue."""
 
 
 def decoded_image(text: str):
@@ -105,38 +110,94 @@ def submit(pipe, store: Store, body, max_queue: int) -> dict:
 
 
 class Worker(threading.Thread):
-    """Runs queued jobs one at a time on `pipe`, until `stop` is set."""
+    """Runs queued jobs one at a time on `pipe`, until `stop` is set. In a parallel job (the pipeline
+    loaded with parallel=, under torchrun) it runs on rank 0 and hands each job to the other ranks
+    (`follow`) before generating it with them."""
 
     def __init__(self, pipe, store: Store, videos: Path):
         super().__init__(name="cvfast-worker", daemon=True)
         self.pipe, self.store, self.videos = pipe, store, videos
         self.stop = threading.Event()
+        self.ranks = Ranks() if pipe.parallel is not None else None
 
     def run(self) -> None:
         while not self.stop.is_set():
             job = self.store.claim()
             if job is None:
+                if self.ranks is not None:
+                    self.ranks.keep_alive()
                 self.stop.wait(POLL_S)
                 continue
             self.execute(job)
+        if self.ranks is not None:
+            self.ranks.send(("stop",))
 
     def execute(self, job: dict) -> None:
         job_id = job["id"]
         body = self.store.arguments(job_id)
 
         def on_step(step, timestep, latents):
-            if self.store.progress(job_id, step + 1):
+            # One rank cannot leave the loop alone (the others would wait in its collectives): in a
+            # parallel job a cancelled running job stops at its end and keeps no video, and a
+            # stopping server waits for the job.
+            cancel_asked = self.store.progress(job_id, step + 1)
+            if self.ranks is None and self.stop.is_set():
+                raise Interrupted
+            if self.ranks is None and cancel_asked:
                 raise Cancelled
         try:
-            result = self.pipe.generate(seed=job["seed"], callback=on_step, progress=False,
-                                        **generation_arguments({k: v for k, v in body.items() if k != "seed"}))
+            arguments = dict(generation_arguments({k: v for k, v in body.items() if k != "seed"}), seed=job["seed"],
+                             progress=False)
+            if self.ranks is not None:
+                self.ranks.send(("job", arguments))
+            result = self.pipe.generate(callback=on_step, **arguments)
+            if self.store.get(job_id)["cancel_asked"]:
+                raise Cancelled
             path = self.videos / f"{job_id}.{body.get('format', 'mp4')}"
             save_video(result.frames[0], path, fps=body.get("fps") or result.fps)
             self.store.succeed(job_id, path.name, result.timings)
         except Cancelled:
             self.store.fail(job_id, "cancelled while running", status="cancelled")
+        except Interrupted:
+            self.store.requeue(job_id)
         except CVFastError as exc:
             self.store.fail(job_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # the worker must outlive one broken job; the error is the job's record
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             self.store.fail(job_id, f"{type(exc).__name__}: {exc}")
+
+
+# The other ranks wait for rank 0's next message in a collective; one at least this often while the
+# queue is empty keeps them within any process-group timeout (NCCL's default is 10 minutes).
+KEEP_ALIVE_S = 30.0
+
+
+class Ranks:
+    """Rank 0's side of a parallel job: messages to the other ranks, ("job", generate arguments),
+    ("idle",) or ("stop",), sent by broadcast from the worker thread (the one thread that issues
+    collectives)."""
+
+    def __init__(self):
+        self.last = time.monotonic()
+
+    def send(self, message: tuple) -> None:
+        import torch.distributed as dist
+        dist.broadcast_object_list([message], src=0)
+        self.last = time.monotonic()
+
+    def keep_alive(self) -> None:
+        if time.monotonic() - self.last > KEEP_ALIVE_S:
+            self.send(("idle",))
+
+
+def follow(pipe) -> None:
+    """The other ranks of a parallel server: generate each job rank 0 sends, with it, until it says stop."""
+    import torch.distributed as dist
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        kind, *rest = message[0]
+        if kind == "stop":
+            return
+        if kind == "job":
+            pipe.generate(**rest[0])
