@@ -195,3 +195,21 @@ def test_an_unsteady_row_is_flagged(capsys):
                                   iters=5)  # 50 ms each: a scheduler delay would need 25 ms to flag it
     assert "unsteady_p80_over_p20" not in steady.extra
     assert len(harness.environment(torch.device("cpu"))["load_average"]) == 3
+
+
+def test_the_readme_performance_table_is_the_newest_results_file():
+    """README.md shows what `python benchmarks/readme_table.py` makes of the newest GPU results file:
+    committing a new file without regenerating the table fails here."""
+    from benchmarks import readme_table
+    text = readme_table.README.read_text()
+    shown = text[text.index(readme_table.BEGIN):text.index(readme_table.END) + len(readme_table.END)]
+    assert shown == readme_table.table()
+
+
+def test_the_step_table_ratios():
+    from benchmarks import readme_table
+    step = {"diffusers_eager_s": 2.0, "diffusers_compiled_s": 1.6, "cvfast_s": {"auto": 1.0, "auto+graph": 0.8},
+            "projected_50_steps_s": {"auto": 52.2}}
+    lines = readme_table.step_table(step)
+    assert "| cvfast auto | 1.000 s | 0.50x | 0.62x | 52.200 s |" in lines
+    assert "| cvfast auto+graph | 0.800 s | 0.40x | 0.50x | - |" in lines
