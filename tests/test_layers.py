@@ -11,11 +11,11 @@ from tests.extras import require
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cvfast"
 # Third-party packages a cvfast function may import on first use: optional extras (ONNX, TensorRT,
-# FlashAttention, SageAttention, PyAV, psutil) and heavy ones only some paths need (transformers, the hub client,
+# FlashAttention, SageAttention, PyAV, psutil, FastAPI and uvicorn for `cvfast serve`) and heavy ones only some paths need (transformers, the hub client,
 # image and video codecs).
 LAZY_PACKAGES = {"onnx", "onnxruntime", "onnx_ir", "onnxscript", "ml_dtypes", "tensorrt", "flash_attn",
                  "flash_attn_interface", "transformers", "tokenizers", "huggingface_hub", "PIL", "imageio_ffmpeg",
-                 "av", "psutil", "sageattention"}
+                 "av", "psutil", "sageattention", "fastapi", "uvicorn"}
 EXTENSION = "_C"  # the compiled cvfast._C (csrc/): a leaf module grimp cannot read
 
 

@@ -22,6 +22,7 @@ from ..core.files import check_writable, write_text
 from ..core.progress import progress
 from ..ops.quantized import PRECISIONS
 from ..pipeline.accuracy import compare
+from ..serve import follow, require_extra, serve
 from . import export
 from .report import run
 
@@ -429,10 +430,7 @@ def run_serve(args) -> int:
         raise CVFastInputError(f"--port {args.port} is not accepted: 1 to 65535")
     positive_int("--max-queue", args.max_queue)
     check_writable(args.store, "--store", directory=True)
-    try:
-        from ..serve import follow, serve
-    except ImportError as exc:
-        raise CVFastInputError(f"serve needs FastAPI and uvicorn: pip install 'cvfast[serve]' ({exc})") from None
+    require_extra()
     pipe = load(args.model, **load_arguments(args), cache=args.cache,
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
     if pipe.parallel is not None and pipe.parallel.rank != 0:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+from ..core.errors import CVFastInputError
 from ..core.files import check_writable
 from .app import create_app
 from .store import Store
 from .worker import Worker, follow
 
-__all__ = ["serve", "open_server", "follow", "Store", "Worker", "create_app"]
+__all__ = ["serve", "open_server", "follow", "require_extra", "Store", "Worker", "create_app"]
 
 
 def model_info(pipe) -> dict:
@@ -35,6 +36,15 @@ def open_server(pipe, store_dir, *, max_queue: int = 64, token: str | None = Non
     worker.start()
     app = create_app(pipe, store, videos, max_queue=max_queue, token=token, model=model_info(pipe))
     return app, worker
+
+
+def require_extra() -> None:
+    """CVFastInputError, before anything heavy, where FastAPI or uvicorn is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise CVFastInputError(f"serve needs FastAPI and uvicorn: pip install 'cvfast[serve]' ({exc})") from None
 
 
 def serve(pipe, store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 64,

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ..core.checks import positive_int
 from ..core.errors import CVFastError, CVFastInputError, bad_arg
 from ..video import read_video, save_video
@@ -181,7 +183,6 @@ class Ranks:
         self.last = time.monotonic()
 
     def send(self, message: tuple) -> None:
-        import torch.distributed as dist
         dist.broadcast_object_list([message], src=0)
         self.last = time.monotonic()
 
@@ -192,7 +193,6 @@ class Ranks:
 
 def follow(pipe) -> None:
     """The other ranks of a parallel server: generate each job rank 0 sends, with it, until it says stop."""
-    import torch.distributed as dist
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
