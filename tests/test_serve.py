@@ -292,3 +292,18 @@ def test_a_clean_stop_puts_the_running_job_back_in_the_queue(servers):
     second = servers()
     finished = second.wait(job)
     assert finished["status"] == "succeeded" and finished["attempts"] == 1  # the stopped run was not counted
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"prompt": "a cat", "video": "bm90IGEgdmlkZW8="}, r"video='<16 base64 characters>' is not accepted: a video file "
+                                                      r"ffmpeg can read \(.*Invalid data"),
+    ({"prompt": "a cat", "image": "***"}, r"image='<3 base64 characters>' is not accepted: a base64 PNG or JPEG"),
+    ({"prompt": 3}, r"prompt=3 is not accepted: a string"),
+    ({"prompt": "a cat", "format": "avi"}, r"format='avi' is not accepted: one of \['mp4', 'webm', 'gif'\]"),
+    ([1, 2], "a JSON object of generation arguments"),
+])
+def test_bodies_that_cannot_be_generated_name_their_field(body, message):
+    from cvfast.core.errors import CVFastInputError
+    from cvfast.serve.worker import generation_arguments
+    with pytest.raises(CVFastInputError, match=message):
+        generation_arguments(body)

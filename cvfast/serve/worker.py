@@ -62,7 +62,11 @@ def decoded_video(text: str):
     with tempfile.TemporaryDirectory() as folder:  # ffmpeg reads files
         path = Path(folder) / "input"
         path.write_bytes(data)
-        return read_video(path, "video")
+        try:
+            return read_video(path, "video")
+        except CVFastInputError as exc:  # its message names the scratch file; the client sent bytes
+            said = str(exc).rpartition("cannot be read as a video: ")[2]
+            raise bad_arg("video", f"<{len(text)} base64 characters>", f"a video file ffmpeg can read ({said})") from None
 
 
 def form_body(fields: dict[str, str], files: dict[str, bytes]) -> dict:
