@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--roofline-device", default="h100-sxm", help="a key of benchmarks/devices.json")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/latest-<suite>.json)")
+    p.add_argument("--profile", default=None, metavar="TRACE.json",
+                   help="default/e2e: also write a torch.profiler trace (Chrome format) of one denoising step of the "
+                        "first backend")
     p.add_argument("--budget-s", type=float, default=None,
                    help="gpu suite: seconds its parts may take (default %d)" % BUDGET_S)
     p.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--backends: {bad} not among {BACKEND_CHOICES}")
     if args.parallel is not None and (args.suite != "e2e" or args.baseline is not None):
         p.error("--parallel: only with --suite e2e and without --baseline")
+    if args.profile is not None and args.suite not in ("default", "e2e"):
+        p.error("--profile: only with --suite e2e or default")
     if args.cache is not None and (args.suite not in ("default", "e2e") or args.parallel is not None):
         p.error("--cache: only with --suite e2e or default, without --parallel")
     return args
@@ -147,6 +152,11 @@ def main(argv=None) -> Path | None:
     record = write_record(out, args, device, rows, summary, ceil)
     for png in draw(out):
         print(f"wrote {png}")
+    if args.profile is not None:
+        from benchmarks.suite_e2e import write_trace
+        trace = write_trace(args.model, device, args.dtype, args.backends[0], args.profile, frames=args.frames,
+                            height=args.height, width=args.width)
+        print(f"wrote {trace}")
     if ceil:
         print(f"ceilings on {record['env']['device_name']}: {ceil['matmul_dtype']} matmul "
               f"{ceil['matmul_tflops']:.3g} TFLOP/s, "

@@ -12,11 +12,15 @@ the computed and skipped steps, the speed-up over the uncached loop and the dist
 from the uncached ones."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .harness import Row, measured_row
+from cvfast.core.files import replacing
+
+from .harness import Row, measured_row, sync
 from .models import build, diffusers_pipeline
 
 PROMPT = "a red panda eating bamboo in a misty forest, cinematic lighting"
@@ -195,3 +199,21 @@ def _add_ratios(rows: list[Row], finals: dict) -> None:
         if row.case.endswith("loop") and row.backend in finals and row.backend != names[0]:
             got = np.asarray(finals[row.backend].float().cpu())
             row.extra[f"latents_rel_l2_vs_{names[0]}"] = float(np.linalg.norm(got - base) / np.linalg.norm(base))
+
+
+def write_trace(model: str, device: torch.device, dtype: torch.dtype, backend: str, path, *, frames: int,
+                height: int, width: int) -> Path:
+    """A torch.profiler trace (Chrome's format: chrome://tracing, Perfetto) of one warm denoising step
+    of `backend`, written whole to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    pipe = build(model, device, dtype, backend)
+    stages = _stages_cvfast(pipe, dict(num_frames=frames, height=height, width=width), 1, 0)
+    stages["one_step"]()  # warm: the kernels compiled and the allocator filled before the trace
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        stages["one_step"]()
+        sync(device)
+    path = Path(path)
+    with replacing(path) as temporary:
+        prof.export_chrome_trace(str(temporary))
+    return path

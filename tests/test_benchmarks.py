@@ -213,3 +213,10 @@ def test_the_step_table_ratios():
     lines = readme_table.step_table(step)
     assert "| cvfast auto | 1.000 s | 0.50x | 0.62x | 52.200 s |" in lines
     assert "| cvfast auto+graph | 0.800 s | 0.40x | 0.50x | - |" in lines
+
+
+def test_profile_writes_a_chrome_trace_of_one_step(tmp_path):
+    run.main(["--suite", "e2e", "--steps", "1", "--backends", "auto", "--json", str(tmp_path / "e.json"),
+              "--profile", str(tmp_path / "trace.json")])
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any("addmm" in event.get("name", "") for event in events)  # the transformer's linears ran
