@@ -110,8 +110,9 @@ $("form").addEventListener("submit", async (event) => {
 });
 
 api("/v1/model").then((model) => {
-  $("model").textContent = model.name + " (" + model.variant + "), " + model.precision + ", default "
-    + model.defaults.num_frames + " frames at " + model.defaults.height + "x" + model.defaults.width;
+  $("model").textContent = model.name + " (" + model.variant + "), " + model.dtype + " on " + model.device
+    + (model.precision === "bf16" ? "" : ", " + model.precision) + "; default " + model.defaults.num_frames
+    + " frames at " + model.defaults.height + "x" + model.defaults.width;
   recent();
 }).catch((error) => { $("error").textContent = error.message; });
 </script>
