@@ -110,7 +110,8 @@ def from_diffusers(pipeline, **load_options) -> Pipeline:
     as it is now: its configs, weights, tokenizer, text encoder and scheduler (a swapped scheduler and
     edited weights included), without writing a folder. load_options: as `load` takes them (device,
     dtype or torch_dtype, backend, offload, cuda_graph, cache, precision, compile, scheduler, ...).
-    The weights are copied; the diffusers pipeline is left as it was (see `cvfast/checkpoints/in_memory.py`)."""
+    The transformer and VAE weights are copied; the T5 encoder is shared when it already is where and
+    in the dtype cvfast keeps it (see `cvfast/checkpoints/in_memory.py`)."""
     return load(pipeline, **load_options)
 
 
