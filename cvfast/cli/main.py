@@ -68,18 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", default=None, metavar="SPEC",
                      help="step cache: teacache[:T], fbcache[:T] or magcache:T:RATIOS.json (see calibrate-cache)")
     _add_run_arguments(gen)
-    calibrate = sub.add_parser("calibrate-cache", help="measure a model's MagCache ratios (one uncached generation)")
-    calibrate.add_argument("model", help="model folder, hub id, or 'tiny'")
+    calibrate = _model_command(sub, "calibrate-cache", "measure a model's MagCache ratios (one uncached generation)",
+                               "the prompt of the calibration run")
     calibrate.add_argument("--out", required=True, help="the ratios JSON to write (for --cache magcache:T:FILE)")
-    calibrate.add_argument("--prompt", default=CALIBRATION_PROMPT, help="the prompt of the calibration run")
     _add_run_arguments(calibrate)
     convert = sub.add_parser("convert-sat", help="write a SAT checkpoint directory as a diffusers-layout folder")
     convert.add_argument("sat_dir", help="SAT directory: *.yaml, transformer/latest, transformer/<it>/, vae/3d-vae.pt")
     convert.add_argument("out_dir", help="new folder for the diffusers-layout model (safetensors)")
     _add_sat_arguments(convert)
-    check = sub.add_parser("check-precision", help="compare a model at an 8-bit precision with its unquantized self")
-    check.add_argument("model", help="model folder, hub id, or 'tiny'")
-    check.add_argument("--prompt", default=CALIBRATION_PROMPT, help="the prompt of both runs")
+    check = _model_command(sub, "check-precision", "compare a model at an 8-bit precision with its unquantized self",
+                           "the prompt of both runs")
     check.add_argument("--out", default=None, help="also write the report as JSON there")
     _add_run_arguments(check)
     check.set_defaults(precision="fp8", steps=8)  # a short generation: the error compounds over the steps
@@ -183,6 +181,15 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="replay each denoising step from a CUDA graph (on: CUDA only; auto: eager until measured)")
     _add_sat_arguments(parser)
+
+
+def _model_command(sub, name: str, description: str, prompt_help: str) -> argparse.ArgumentParser:
+    """A command that runs one model (given as its first argument) on one prompt (by default
+    CALIBRATION_PROMPT)."""
+    parser = sub.add_parser(name, help=description)
+    parser.add_argument("model", help="model folder, hub id, or 'tiny'")
+    parser.add_argument("--prompt", default=CALIBRATION_PROMPT, help=prompt_help)
+    return parser
 
 
 def seed_value(text: str) -> int:
