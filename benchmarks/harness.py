@@ -172,8 +172,9 @@ def markdown(record: dict) -> str:
             lines += [f"Denoising step ({step['shape']}, {step['dtype']}, {step['device']}), seconds: diffusers eager "
                       f"{seconds(step['diffusers_eager_s'])}, diffusers compiled {seconds(step['diffusers_compiled_s'])}"
                       "; cvfast " + ", ".join(f"{name} {seconds(v)}" for name, v in step["cvfast_s"].items())
-                      + "".join(f"; best ({step['best']}) / {k[8:]} {v:.3g}" for k, v in step.items()
-                                if k.startswith("best_vs_"))
+                      + "".join(f"; {label} ({step[label]}) / {k[len(label) + 4:]} {v:.3g}"
+                                for label in ("best", "best_bf16") if label in step
+                                for k, v in step.items() if k.startswith(f"{label}_vs_"))
                       + "; a 50-step generation projected from step and decode: "
                       + ", ".join(f"{name} {seconds(v)}" for name, v in step["projected_50_steps_s"].items()), ""]
     lines += ["| suite | case | backend | median ms | TFLOP/s | GB/s | notes |", "|---|---|---|---|---|---|---|"]

@@ -7,7 +7,8 @@ every op the bytes a fused kernel must move (each input read once, each output w
 `joint_attention`'s Triton backend (the prepare pass, then the attention kernel) is also measured
 against its earlier design ("triton-fused": QK LayerNorm and RoPE applied per query block as K
 tiles load, `cvfast.kernels.attention.joint_attention_fused`) and unfused ("triton-unfused": QK
-LayerNorm and RoPE in PyTorch, then the Triton attention kernel). On CUDA, `attention` is also
+LayerNorm and RoPE in PyTorch, then the Triton attention kernel), and on Hopper with K and V read
+through tensor descriptors (TMA, "triton-tma"). On CUDA, `attention` is also
 measured with each of SDPA's kernels forced (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`), and
 with SageAttention when its wheel is installed (`sageattention`).
 """
@@ -24,6 +25,7 @@ from cvfast.models.config import PRESETS
 from cvfast.ops.cost import op_cost
 from cvfast.ops.joint_attention import triton_joint_attention_unfused
 from cvfast.ops.registry import reference
+from cvfast.ops.triton_backend import kernels
 
 from .harness import Row, measured_row, of_ceiling
 
@@ -51,7 +53,7 @@ def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> li
         if not impl.device_reasons(device) and not (interpreted and (wanted is None or "triton" not in wanted)):
             found.append((impl.backend, impl.fn))
             if op == "joint_attention" and impl.backend == "triton":
-                found += [("triton-fused", _triton_fused), ("triton-unfused", triton_joint_attention_unfused)]
+                found += _joint_variants(device)
             if op == "attention" and impl.backend == "sdpa" and device.type == "cuda":
                 found += [(f"sdpa-{name}", functools.partial(_sdpa_with, kernel)) for name, kernel in SDPA_KERNELS]
     return [(n, f) for n, f in found if wanted is None or n.split("-")[0] in wanted or n == "reference"]
@@ -67,12 +69,20 @@ def _sdpa_with(kernel, q, k, v, scale=None):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _triton_fused(qkv, heads, q_weight, q_bias, k_weight, k_bias, eps, cos, sin, n_text):
-    """The joint attention op's signature over the one-kernel design."""
-    from cvfast.kernels import attention as attention_kernel
+def _joint_kernel(launcher, qkv, heads, q_weight, q_bias, k_weight, k_bias, eps, cos, sin, n_text):
+    """The joint attention op's signature over one of `cvfast.kernels.attention`'s launchers."""
     rope = (cos.contiguous(), sin.contiguous()) if cos is not None else None
-    return attention_kernel.joint_attention_fused(qkv.contiguous(), heads, (q_weight, q_bias, k_weight, k_bias, eps),
-                                                  rope, n_text)
+    return launcher(qkv.contiguous(), heads, (q_weight, q_bias, k_weight, k_bias, eps), rope, n_text)
+
+
+def _joint_variants(device: torch.device) -> list[tuple[str, object]]:
+    """The Triton joint attention's other designs: the one-kernel prologue, the unfused one, and on
+    Hopper K/V through the tensor memory accelerator."""
+    found = [("triton-fused", functools.partial(_joint_kernel, kernels.attention.joint_attention_fused)),
+             ("triton-unfused", triton_joint_attention_unfused)]
+    if device.type == "cpu" or torch.cuda.get_device_capability(device) >= (9, 0):
+        found.append(("triton-tma", functools.partial(_joint_kernel, kernels.attention.joint_attention_tma)))
+    return found
 
 
 def _cases(sz: dict, device: torch.device, dtype: torch.dtype):

@@ -1,7 +1,8 @@
 """`step` part of the gpu suite: one denoising step of CogVideoX-5B (49x480x720, bf16, CFG batch 2)
 side by side in one process, on the same random weights: diffusers eager, diffusers with its
 transformer blocks compiled (regional compilation: one `torch.compile` per block, the code shared
-by the 42 identical blocks), and cvfast per configuration (backend, `compile=`, `cuda_graph=`).
+by the 42 identical blocks), and cvfast per configuration (backend, `compile=`, `precision=`,
+`cuda_graph=`).
 
 A step's time is measured as the pipeline runs it, through each pipeline's own per-step callback:
 a call of `STEPS` steps synchronised only after its first and last steps gives (end of last - end
@@ -9,7 +10,7 @@ of first) / (STEPS - 1), so that host and device overlap as in production. Befor
 configuration runs warm-up calls (a CUDA graph's first call runs eagerly and its second captures);
 the first call's extra time over a warm one is reported as `compile_s` where a configuration
 compiles. The VAE decode is timed once per distinct VAE backend. Without CUDA the tiny model stands
-in, eager and uncompiled, so that the record-keeping runs.
+in, eager and compiled (no graph, no FP8 kernels), so that the record-keeping runs.
 """
 from __future__ import annotations
 
@@ -26,35 +27,60 @@ from .suite_graph import StepClock
 PROMPT = "a red panda eating bamboo in a misty forest, cinematic lighting"
 PROJECTED_STEPS = 50  # CogVideoX's default step count, for the projected generation time
 STEPS = 4  # 3 timed step intervals per call; a 5B step is ~1.8 s on an H200, so a call is ~7 s
-# name: (backend, compile, cuda_graph), in the order of what the issue needs first, in case the budget
-# ends; diffusers eager and compiled run right after the first.
-CONFIGS = {"auto": ("auto", False, False), "auto+graph": ("auto", False, True), "auto+compile": ("auto", True, False),
-           "auto+compile+graph": ("auto", True, True), "triton": ("triton", False, False),
-           "sdpa": ("sdpa", False, False)}
+# Pipelines to build, each measured eager and then with its step in a CUDA graph (`cuda_graph` is a
+# per-call option, so one build and one compilation serve both): (backend, compile, precision), in
+# the order of what the issue needs first, in case the budget ends; diffusers eager and compiled run
+# right after the first. The fp8 one (`precision="fp8"`: FP8 linears and 8-bit attention) is not the
+# same arithmetic as bf16: the summary names the best configuration overall and the best in bf16.
+PIPELINES = (("auto", False, "bf16"), ("auto", True, "bf16"), ("auto", True, "fp8"), ("triton", False, "bf16"),
+             ("sdpa", False, "bf16"))
 
 
-def _cvfast_config(model: str, device, dtype, name: str, kw: dict, case: str) -> tuple[Row, object]:
-    backend, compiled, graphed = CONFIGS[name]
-    pipe = build(model, device, dtype, backend, compile=compiled)
-    kw = dict(kw, **_embeds(pipe))
+def config_name(backend: str, compiled: bool, precision: str, graphed: bool) -> str:
+    """"auto", "auto+compile+graph", "fp8+compile", ...: the precision replaces the backend's name
+    when it is not bf16 (its backend is then always auto)."""
+    return "+".join([precision if precision != "bf16" else backend] + ["compile"] * compiled + ["graph"] * graphed)
 
-    def call(clock=None):
-        return pipe.generate(cuda_graph=graphed, callback=clock, **kw)
+
+# name: (backend, compile, precision, cuda_graph); the forced backends eager only.
+CONFIGS = {config_name(*pipeline, graphed): (*pipeline, graphed) for pipeline in PIPELINES
+           for graphed in ((False, True) if pipeline[0] == "auto" else (False,))}
+
+
+def _timed_call(call, device, graphed: bool) -> tuple[float, float, StepClock]:
+    """The first call's seconds (compile and warm-up included; with `graphed`, a second call
+    captures), then a measured call: (first call s, measured call s, its step clock)."""
     start = time.perf_counter()
-    call()
+    call(graphed)
     sync(device)
     first_s = time.perf_counter() - start
     if graphed:
-        call()  # the capture
+        call(graphed)  # the capture
     clock = StepClock(device, STEPS, every_step=False)
     start = time.perf_counter()
-    call(clock)
-    warm_s = time.perf_counter() - start
-    row = Row("step", case, name, median_ms=clock.loop_ms_per_step(),
-              extra=dict(backends=pipe.backends(), first_call_s=first_s, warm_call_s=warm_s))
-    if compiled:
-        row.extra["compile_s"] = first_s - warm_s
-    return row, pipe
+    call(graphed, clock)
+    return first_s, time.perf_counter() - start, clock
+
+
+def _cvfast_rows(model: str, device, dtype, pipeline: tuple, names: list[str], kw: dict,
+                 case: str) -> tuple[list[Row], object]:
+    """One pipeline (backend, compile, precision) measured as each configuration in `names` needs
+    (eager, graphed); the pipeline is returned for the rows that follow."""
+    backend, compiled, precision = pipeline
+    pipe = build(model, device, dtype, backend, precision=precision, compile=compiled)
+    kw = dict(kw, **_embeds(pipe))
+
+    def call(graphed, clock=None):
+        return pipe.generate(cuda_graph=graphed, callback=clock, **kw)
+    rows = []
+    for name in names:
+        first_s, warm_s, clock = _timed_call(call, device, CONFIGS[name][3])
+        row = Row("step", case, name, median_ms=clock.loop_ms_per_step(),
+                  extra=dict(backends=pipe.backends(), first_call_s=first_s, warm_call_s=warm_s))
+        if compiled and name == names[0]:  # the first call of the pipeline compiled it
+            row.extra["compile_s"] = first_s - warm_s
+        rows.append(row)
+    return rows, pipe
 
 
 PROFILE_TOP = 15  # kernels listed in the profile row
@@ -140,28 +166,33 @@ def _decode_row(pipe, device, size: dict, model: str, seen: set) -> Row | None:
 
 def run_step(model: str, device: torch.device, dtype: torch.dtype, *, frames: int, height: int, width: int,
              configs: list[str], deadline: float) -> tuple[list[Row], dict]:
-    """Rows per configuration (each stopped early if `time.perf_counter()` passes `deadline`) and the
-    summary `step_<model>`: seconds per step for diffusers eager and compiled and per cvfast configuration."""
+    """Rows per configuration (each pipeline skipped if `time.perf_counter()` passes `deadline`) and
+    the summary `step_<model>`: seconds per step for diffusers eager and compiled and per cvfast
+    configuration."""
     size = dict(num_frames=frames, height=height, width=width)
     case = f"{model} step {frames}x{height}x{width} CFG"
     kw = dict(seed=0, progress=False, output_type="latent", num_inference_steps=STEPS, **size)
     rows, seen, pipe, baseline_done = [], set(), None, False
-    for name in configs:
+    for pipeline in PIPELINES:
+        names = [name for name in configs if CONFIGS[name][:3] == pipeline]
+        if not names:
+            continue
         if time.perf_counter() > deadline:
-            rows.append(Row("step", case, name, extra=dict(skipped="the part's time budget ran out")))
+            rows += [Row("step", case, name, extra=dict(skipped="the part's time budget ran out")) for name in names]
             continue
         del pipe
         _free(device)
         try:
-            row, pipe = _cvfast_config(model, device, dtype, name, kw, case)
-        except Exception as exc:  # one configuration that fails must not cost the others
-            row, pipe = Row("step", case, name, extra=dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")), None
-        rows.append(row)
+            measured, pipe = _cvfast_rows(model, device, dtype, pipeline, names, kw, case)
+        except Exception as exc:  # one pipeline that fails must not cost the others
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            measured, pipe = [Row("step", case, name, extra=dict(error=error)) for name in names], None
+        rows += measured
         if pipe is not None and time.perf_counter() < deadline:
             decoded = _decode_row(pipe, device, size, model, seen)
             rows += [decoded] if decoded is not None else []
-        if pipe is not None and not baseline_done:  # the profile and the baseline after the first configuration
-            rows.append(_profile_row(pipe, dict(kw, **_embeds(pipe)), device, case, name))
+        if pipe is not None and not baseline_done:  # the profile and the baseline after the first pipeline
+            rows.append(_profile_row(pipe, dict(kw, **_embeds(pipe)), device, case, names[0]))
             rows += _diffusers_rows(pipe, device, size, case, deadline)
             baseline_done = True
     del pipe
@@ -192,10 +223,12 @@ def _summary(rows: list[Row], device: torch.device, case: str) -> dict:
     # VAE backend (text encoding, ~20 ms, left out).
     out["projected_50_steps_s"] = {name: PROJECTED_STEPS * seconds + decode_s[vae_backend[name]]
                                    for name, seconds in cvfast_s.items() if vae_backend[name] in decode_s}
-    if cvfast_s:
-        best = min(cvfast_s, key=cvfast_s.get)
-        out["best"] = best
-        for key in ("diffusers_eager_s", "diffusers_compiled_s"):
-            if out[key]:
-                out[f"best_vs_{key[:-2]}"] = cvfast_s[best] / out[key]
+    bf16_s = {name: s for name, s in cvfast_s.items() if CONFIGS[name][2] == "bf16"}
+    for label, candidates in (("best", cvfast_s), ("best_bf16", bf16_s)):
+        if candidates:
+            best = min(candidates, key=candidates.get)
+            out[label] = best
+            for key in ("diffusers_eager_s", "diffusers_compiled_s"):
+                if out[key]:
+                    out[f"{label}_vs_{key[:-2]}"] = candidates[best] / out[key]
     return out

@@ -107,6 +107,7 @@ def test_gpu_suite_on_a_cpu_skips_what_needs_cuda_and_writes_markdown(tmp_path):
     assert set(summary["cvfast_s"]) == {"auto", "auto+compile"} and summary["diffusers_compiled_s"] > 0
     assert summary["best_vs_diffusers_eager"] == pytest.approx(
         summary["cvfast_s"][summary["best"]] / summary["diffusers_eager_s"])
+    assert summary["best_bf16"] == summary["best"]  # both configurations are bf16 (unquantized) here
     decode = next(r for r in record["rows"] if r["case"].startswith("tiny decode"))
     assert summary["projected_50_steps_s"]["auto"] == pytest.approx(
         50 * summary["cvfast_s"]["auto"] + decode["median_ms"] / 1e3)

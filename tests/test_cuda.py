@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import cvfast
+from cvfast import ops
 from cvfast.ops import adaln, spatial_norm
 from cvfast.ops import causal_conv3d as conv
 from cvfast.ops import group_norm as gn
 from cvfast.ops import joint_attention as attn
+from cvfast.ops.triton_backend import kernels  # None without triton: the Triton tests require it first
 from tests.numerics import check, fp32, naive_attention, rel_l2, within_twice_pytorch
 from tests.extras import require
 
@@ -74,6 +76,42 @@ def test_sdpa_at_cogvideox_sizes(heads, seq):
     within_twice_pytorch(got, exact, own)
 
 
+def _installed_attention(backend: str) -> ops.Impl:
+    """The `attention` Impl of an optional package, or a skip naming why it cannot run here (the
+    package is not installed, or this GPU is older than it needs)."""
+    impl = next(i for i in ops.alternatives("attention") if i.backend == backend)
+    reasons = impl.device_reasons(torch.device("cuda"))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    return impl
+
+
+def _attention_at_5b_size():
+    """q, k, v at 5B size (48 heads of 64, 17,776 tokens) in bf16, the fp32 result and PyTorch's in bf16."""
+    torch.manual_seed(48)
+    q, k, v = (torch.randn(1, 48, 17_776, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return (q, k, v), attn.attention(q.float(), k.float(), v.float()), attn.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "flash_attn_4"])
+def test_optional_flash_attention_at_5b_size(backend):
+    impl = _installed_attention(backend)
+    qkv, exact, own = _attention_at_5b_size()
+    check(impl.fn(*qkv), exact, own)
+
+
+def test_sageattention_within_its_int8_error_at_5b_size():
+    """SageAttention rounds q and k to int8 per block (scale absmax / 127). With unit-normal inputs a
+    block's absmax is about 3.8 (8,192 samples), a step of 0.030, a rounding error of 0.030 / sqrt(12)
+    = 0.0087 RMS per element; a score q.k / sqrt(d) (unit RMS) then errs by sqrt(2) x 0.0087 = 0.0123
+    RMS, which the output inherits as its relative error (o = sum p_j v_j, each p_j off by that
+    fraction, independently); the fp16 rounding of P and V adds 2^-11. Bound: twice that, 0.025."""
+    impl = _installed_attention("sageattention")
+    qkv, exact, _ = _attention_at_5b_size()
+    got = impl.fn(*qkv)
+    assert torch.isfinite(got).all() and rel_l2(got, exact) < 0.025
+
+
 def test_offload_model_keeps_only_the_vae_on_the_gpu_while_decoding():
     pipe = cvfast.load("tiny", offload="model")
     seen = {}
@@ -98,9 +136,8 @@ def _triton():
     require("triton")
 
 
-@pytest.mark.parametrize("heads,head_dim,rope", [(48, 64, True), (30, 64, False), (24, 128, True)])
-def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
-    _triton()
+def _joint_attention_at_5b_size(heads: int, head_dim: int, rope: bool):
+    """(qkv, the op's other args, the fp32 result, PyTorch's own bf16 result) at 49x480x720."""
     torch.manual_seed(heads)
     n_text, seq = 226, 17_776  # 49 frames at 480x720: 13 x 30 x 45 video tokens
     qkv = torch.randn(1, seq, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
@@ -110,7 +147,25 @@ def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
     cos, sin = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)) if rope else (None, None)
     args = (heads, *norm, 1e-6, cos, sin, n_text)
     exact = attn.joint_attention(qkv.float(), heads, *[n.float() for n in norm], 1e-6, cos, sin, n_text)
-    check(attn.joint_attention_op(qkv, *args), exact, attn.joint_attention(qkv, *args, attend=naive_attention))
+    return qkv, args, exact, attn.joint_attention(qkv, *args, attend=naive_attention)
+
+
+@pytest.mark.parametrize("heads,head_dim,rope", [(48, 64, True), (30, 64, False), (24, 128, True)])
+def test_triton_joint_attention_at_5b_size(heads, head_dim, rope):
+    _triton()
+    qkv, args, exact, own = _joint_attention_at_5b_size(heads, head_dim, rope)
+    check(attn.joint_attention_op(qkv, *args), exact, own)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(48, 64), (24, 128)])
+def test_triton_joint_attention_through_tma_at_5b_size(heads, head_dim):
+    """The tensor-descriptor variant the benchmarks measure (`triton-tma`), on the Hopper TMA path."""
+    _triton()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability 9.0 (Hopper)")
+    qkv, (heads, qw, qb, kw, kb, eps, cos, sin, n_text), exact, own = _joint_attention_at_5b_size(heads, head_dim, True)
+    got = kernels.attention.joint_attention_tma(qkv, heads, (qw, qb, kw, kb, eps), (cos, sin), n_text)
+    check(got, exact, own)
 
 
 @pytest.mark.parametrize("dim", [1920, 3072])

@@ -116,6 +116,19 @@ def test_two_pass_equals_the_fused_prologue_bit_for_bit(poisoned, dtype):
                        attention_kernel.joint_attention_fused(qkv, heads, norm, rope, n_text))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_text,n_video", [(40, 57), (226, 150)])
+def test_tensor_descriptor_loads_equal_pointer_loads_bit_for_bit(poisoned, dtype, n_text, n_video):
+    """K and V through tensor descriptors (TMA on a GPU): same tiles, same arithmetic. The last key
+    block of each head reads into the next head's rows (97 and 376 are not multiples of 64) and, for
+    the last head, past the tensor: masked, they must change nothing."""
+    torch.manual_seed(n_video)
+    qkv, (heads, qw, qb, kw, kb, eps, cos, sin, n_text) = joint_inputs(2, n_text, n_video, 3, 64, dtype, rope=True)
+    norm, rope = (qw, qb, kw, kb, eps), (cos.contiguous(), sin.contiguous())
+    assert torch.equal(attention_kernel.joint_attention_tma(qkv, heads, norm, rope, n_text),
+                       attention_kernel.joint_attention(qkv, heads, norm, rope, n_text))
+
+
 def modulation(batch, groups, dim, dtype):
     return (torch.randn(batch, groups, dim, device=DEVICE, dtype=dtype) * 0.5 for _ in range(3))
 
@@ -276,13 +289,14 @@ def test_auto_passes_over_a_kernel_that_fails_on_its_first_run(caplog):
         required.modulate(h, None, None, shift, shift, 0, 1e-5)
 
 
-def test_sageattention_backend_is_named_and_says_why_it_cannot_run_here():
+@pytest.mark.parametrize("backend,module", [("sageattention", "sageattention"), ("flash_attn_4", "flash_attn")])
+def test_opt_in_attention_backends_are_named_and_say_why_they_cannot_run_here(backend, module):
     """Opt-in only: never under "auto"; asked for by name where it cannot run, the error says why."""
-    assert "sageattention" not in {b for order in ops.AUTO_ORDER.values() for b in order}
-    with pytest.raises(CVFastInputError, match=r"backend='sageattention' is not accepted: attention cannot use it on "
-                                               r"cpu: (sageattention is unavailable .*No module named 'sageattention'|runs on cuda, "
-                                               r"not cpu)"):
-        ops.resolve("sageattention", "cpu")
+    assert backend not in {b for order in ops.AUTO_ORDER.values() for b in order}
+    with pytest.raises(CVFastInputError, match=rf"backend='{backend}' is not accepted: attention cannot use it on "
+                                               rf"cpu: ({backend} is unavailable .*No module named '{module}|runs on "
+                                               r"cuda, not cpu)"):
+        ops.resolve(backend, "cpu")
 
 
 def test_sage_wrapper_smooths_k_out_of_place(monkeypatch):

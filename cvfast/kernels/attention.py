@@ -24,6 +24,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import INTERPRET, dot_upcast, new_output, rounded
 
@@ -63,6 +64,28 @@ def _load_rows(base, rows, cols, stride_s, stride_d, seq, w_ptr, b_ptr, cos_ptr,
 
 
 @triton.jit
+def _attend_block(q, k, v, keys, seq_k, scale_log2, m_i, l_i, acc, in_type: tl.constexpr, dot_type: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One key block of the online softmax: q (BLOCK_M, d), k and v (BLOCK_N, d) in `dot_type`, keys
+    their row indices (rows >= seq_k are masked out) -> the running max, sum and accumulator."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keys[None, :] < seq_k, s * scale_log2, float("-inf"))
+    # Every key block holds at least one valid key, so m_new is finite and alpha is well defined.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(rounded(p, in_type).to(dot_type), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _attention_fwd(Q, K, V, Out, WQ, BQ, WK, BK, COS, SIN,
                    sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
                    so_b, so_h, so_s, so_d,
@@ -91,26 +114,43 @@ def _attention_fwd(Q, K, V, Out, WQ, BQ, WK, BK, COS, SIN,
         k = rounded(k, in_type).to(dot_type)
         v = tl.load(v_base + keys[:, None] * sv_s + cols[None, :] * sv_d, mask=keys[:, None] < seq_k,
                     other=0.0).to(dot_type)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(keys[None, :] < seq_k, s * scale_log2, float("-inf"))
-        # Every key block holds at least one valid key, so m_new is finite and alpha is well defined.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(rounded(p, in_type).to(dot_type), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, keys, seq_k, scale_log2, m_i, l_i, acc, in_type, dot_type, IEEE)
     out = acc / l_i[:, None]
     o_base = Out + b * so_b + h * so_h
     tl.store(o_base + rows[:, None] * so_s + cols[None, :] * so_d, rounded(out, Out.dtype.element_ty),
              mask=rows[:, None] < seq_q)
+
+
+@triton.jit
+def _attention_fwd_tma(Q, K, V, Out, sq_b, sq_h, sq_s, sq_d, so_b, so_h, so_s, so_d, heads, seq_q, seq_k, scale_log2,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """`_attention_fwd` without prologue, K and V read by the tensor memory accelerator: K and V are
+    host tensor descriptors over the (B * H * seq_k, d) rows of contiguous (B, H, seq_k, d) tensors,
+    block (BLOCK_N, d). The last block of a head reads past its rows into the next head's (zeros past
+    the tensor's end): those keys are masked to -inf, so their p is 0 and their (finite) values add 0."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    cols = tl.arange(0, HEAD_DIM)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_type = Q.dtype.element_ty
+    dot_type = tl.float32 if UPCAST else in_type
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_s + cols[None, :] * sq_d, mask=rows[:, None] < seq_q,
+                other=0.0).to(dot_type)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    first_key_row = bh * seq_k
+    for start in range(0, seq_k, BLOCK_N):
+        k = K.load([first_key_row + start, 0]).to(dot_type)
+        v = V.load([first_key_row + start, 0]).to(dot_type)
+        keys = start + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, k, v, keys, seq_k, scale_log2, m_i, l_i, acc, in_type, dot_type, IEEE)
+    out = acc / l_i[:, None]
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d,
+             rounded(out, Out.dtype.element_ty), mask=rows[:, None] < seq_q)
 
 
 @triton.jit
@@ -147,10 +187,23 @@ PREPARE_ROWS = 64
 # (the 128 x d fp32 accumulator in registers), 64- or 128-key blocks, 4 or 8 warps, 2-4 pipeline
 # stages (Triton software-pipelines the K/V loads of the loop by num_stages); a 64-row block for
 # short sequences. A config that needs more shared memory than the device has is skipped by the tuner.
-GPU_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
-               for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                                            (128, 64, 4, 4), (64, 64, 4, 3))]
-_attention_tuned = triton.autotune(GPU_CONFIGS, key=["seq_k", "HEAD_DIM", "NORM", "ROPE", "IEEE"])(_attention_fwd)
+GPU_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3))
+
+
+def _gpu_configs(pre_hook=None) -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages, pre_hook=pre_hook)
+            for bm, bn, warps, stages in GPU_TILES]
+
+
+def _tma_block_shapes(args: dict) -> None:
+    """Before each launch of a tuned config: its K/V descriptors' block is (BLOCK_N, d)."""
+    for name in ("K", "V"):
+        args[name].block_shape = [args["BLOCK_N"], args["HEAD_DIM"]]
+
+
+_attention_tuned = triton.autotune(_gpu_configs(), key=["seq_k", "HEAD_DIM", "NORM", "ROPE", "IEEE"])(_attention_fwd)
+_attention_tma_tuned = triton.autotune(_gpu_configs(_tma_block_shapes), key=["seq_k", "HEAD_DIM", "IEEE"])(
+    _attention_fwd_tma)
 
 # Under the interpreter: 64 x 64 tiles (fewer, larger numpy steps); test sequences of 97 and 376 still
 # cross several blocks and end in a ragged tail.
@@ -205,6 +258,26 @@ def joint_attention(qkv: torch.Tensor, heads: int, norm: tuple, rope: tuple | No
     out = new_output((batch, seq, heads, head_dim), qkv.dtype, qkv.device)
     _launch(q, k, v, out.permute(0, 2, 1, 3), None, None, 0, 1.0 / math.sqrt(head_dim), batch, heads, seq, seq,
             head_dim, qkv.dtype)
+    return out.view(batch, seq, heads * head_dim)
+
+
+def joint_attention_tma(qkv: torch.Tensor, heads: int, norm: tuple, rope: tuple | None, n_text: int) -> torch.Tensor:
+    """`joint_attention` with K and V read through tensor descriptors (TMA on sm_90; the interpreter
+    runs the same loads in numpy): for the benchmarks to measure against the pointer loads before
+    the `triton` backend adopts it."""
+    batch, seq, width = qkv.shape
+    head_dim = width // (3 * heads)
+    q, k, v = prepare_qkv(qkv, heads, norm, rope, n_text)
+    out = new_output((batch, seq, heads, head_dim), qkv.dtype, qkv.device)
+    out4 = out.permute(0, 2, 1, 3)
+    kernel, tiles = (_attention_fwd_tma, INTERPRETER_TILES) if INTERPRET else (_attention_tma_tuned, {})
+    # The tuned launch sets each config's block in `_tma_block_shapes`; (1, d) is a placeholder.
+    block = [tiles.get("BLOCK_N", 1), head_dim]
+    k_desc, v_desc = (TensorDescriptor.from_tensor(t.view(-1, head_dim), block) for t in (k, v))
+    grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    kernel[grid](q, k_desc, v_desc, out4, *q.stride(), *out4.stride(), heads, seq, seq,
+                 1.0 / math.sqrt(head_dim) * LOG2E, HEAD_DIM=head_dim, IEEE=qkv.dtype == torch.float32,
+                 UPCAST=dot_upcast(qkv.dtype), **tiles)
     return out.view(batch, seq, heads * head_dim)
 
 

@@ -37,7 +37,7 @@ __all__ = ["Impl", "OpSet", "OP_NAMES", "AUTO_ORDER", "AUTO_ORDER_BY_OP", "BACKE
 log = logging.getLogger("cvfast")
 
 OP_NAMES = op_names()
-BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn", "native", "sageattention")
+BACKEND_CHOICES = ("auto", "reference", "sdpa", "triton", "flash_attn", "native", "flash_attn_4", "sageattention")
 
 # backend="auto": preference per device type, fastest first; the reference always ends the list.
 # On CUDA, attention prefers FlashAttention, then PyTorch SDPA (measured at 59% of the H200's matmul
@@ -65,7 +65,8 @@ def resolve(backend: str, device: torch.device | str) -> OpSet:
     """The OpSet for `backend` on `device`.
 
     "reference": plain PyTorch everywhere (the oracle). "sdpa", "flash_attn", "triton", "native",
-    "sageattention" (attention only, never under "auto"; see `joint_attention.py`): every
+    "flash_attn_4" and "sageattention" (attention only, never under "auto"; see
+    `joint_attention.py`): every
     op that backend implements uses it (an input it cannot take is an error listing the reasons), the
     others the reference. "auto": per op the backends of `AUTO_ORDER` that run on the device, then
     the reference; an input the preferred one cannot take falls to the next with one warning line.

@@ -13,6 +13,10 @@ cast back) and backends:
   installed on the machines this was written on.
 - `triton`: `cvfast.kernels.attention` as the custom ops `cvfast::attention` and
   `cvfast::joint_attention` (a pass applying the QK norm and RoPE, then the attention kernel).
+- `flash_attn_4`: the optional `flash-attn-4` package (`flash_attn.cute`: FlashAttention 4 in
+  NVIDIA's CuTe DSL, Hopper and Blackwell, head dims 64/96/128), same layout handling as
+  `flash_attn`. Opt-in by name only until the gpu suite has timed it: its libraries
+  (nvidia-cutlass-dsl, 92 MB) cannot reach the lent device machines, so it has never run here.
 - `sageattention`: the optional `sageattention` package (1.0.x: INT8 Q.K^T with per-block scales,
   fp16 P.V, Triton kernels). Opt-in by name only, never under "auto": its 8-bit scores are outside
   FlashAttention's 2x rule, and SageAttention v1 is published to fail on CogVideoX-1.5
@@ -40,6 +44,13 @@ except Exception as exc:  # not installed, or its CUDA libraries fail to load
     flash_attn_func, FLASH_IMPORT_ERROR = None, exc
 else:
     FLASH_IMPORT_ERROR = None
+
+try:  # FlashAttention 4 (CuTe DSL, the `flash-attn-4` wheel over nvidia-cutlass-dsl)
+    from flash_attn.cute import flash_attn_func as flash_attn_4_func
+except Exception as exc:  # not installed, or its CUDA libraries fail to load
+    flash_attn_4_func, FLASH4_IMPORT_ERROR = None, exc
+else:
+    FLASH4_IMPORT_ERROR = None
 
 try:
     from sageattention import sageattn
@@ -136,12 +147,15 @@ def sdpa_joint_why_not(qkv: Tensor, *args, **kwargs) -> list[str]:
 
 # -- flash_attn ------------------------------------------------------------------------------------
 
+def _flash_call(flash_fn, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    out = flash_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False)
+    out = out[0] if isinstance(out, tuple) else out  # FA3 and FA4 return (out, softmax_lse)
+    return out.transpose(1, 2)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Same contract as `attention` (fp16/bf16 only)."""
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                          causal=False)
-    out = out[0] if isinstance(out, tuple) else out  # FA3 returns (out, softmax_lse)
-    return out.transpose(1, 2)
+    return _flash_call(flash_attn_func, q, k, v, scale)
 
 
 def _flash_head_dim_reasons(head_dim: int) -> list[str]:
@@ -156,13 +170,37 @@ def flash_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
     return _flash_head_dim_reasons(qkv.shape[-1] // (3 * heads))
 
 
-def _optional_impl(backend: str, import_error: Exception | None, fn, why_not) -> Impl:
-    """An optional package's backend (CUDA, fp16/bf16, Ampere on), or the placeholder naming why it
-    did not import."""
+def _optional_impl(backend: str, import_error: Exception | None, fn, why_not,
+                   min_capability: tuple[int, int] = (8, 0)) -> Impl:
+    """An optional package's backend (CUDA, fp16/bf16, Ampere on unless said), or the placeholder
+    naming why it did not import."""
     if import_error is not None:
         return placeholder(backend, import_error)
-    return Impl(backend, fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=(8, 0),
+    return Impl(backend, fn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_capability=min_capability,
                 why_not=why_not)
+
+
+# -- flash_attn_4 ----------------------------------------------------------------------------------
+
+FLASH4_HEAD_DIMS = (64, 96, 128)  # the head dims flash_attn.cute compiles forward kernels for on sm_90
+FLASH4_CAPABILITY = (9, 0)  # Hopper and Blackwell only (its interface refuses other architectures)
+
+
+def flash4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Same contract as `attention` (fp16/bf16 only)."""
+    return _flash_call(flash_attn_4_func, q, k, v, scale)
+
+
+def _flash4_head_dim_reasons(head_dim: int) -> list[str]:
+    return [] if head_dim in FLASH4_HEAD_DIMS else [f"head_dim {head_dim} is not one of {FLASH4_HEAD_DIMS}"]
+
+
+def flash4_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> list[str]:
+    return _dtype_reasons(q, k, v) + _flash4_head_dim_reasons(q.shape[-1])
+
+
+def flash4_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
+    return _flash4_head_dim_reasons(qkv.shape[-1] // (3 * heads))
 
 
 # -- sageattention ---------------------------------------------------------------------------------
@@ -266,6 +304,7 @@ register("attention", attention, [
     Impl("sdpa", sdpa_attention, why_not=sdpa_why_not),
     _optional_impl("flash_attn", FLASH_IMPORT_ERROR, flash_attention, flash_why_not),
     triton_impl(triton_attention, triton_why_not),
+    _optional_impl("flash_attn_4", FLASH4_IMPORT_ERROR, flash4_attention, flash4_why_not, FLASH4_CAPABILITY),
     _optional_impl("sageattention", SAGE_IMPORT_ERROR, sage_attention, sage_why_not),
 ])
 register("joint_attention", joint_attention, [
@@ -273,6 +312,8 @@ register("joint_attention", joint_attention, [
     _optional_impl("flash_attn", FLASH_IMPORT_ERROR, functools.partial(joint_attention, attend=flash_attention),
                    flash_joint_why_not),
     triton_impl(joint_attention_op, triton_joint_why_not),
+    _optional_impl("flash_attn_4", FLASH4_IMPORT_ERROR, functools.partial(joint_attention, attend=flash4_attention),
+                   flash4_joint_why_not, FLASH4_CAPABILITY),
     _optional_impl("sageattention", SAGE_IMPORT_ERROR, functools.partial(joint_attention, attend=sage_attention),
                    sage_joint_why_not),
 ])
