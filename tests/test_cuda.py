@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import cvfast
 from cvfast import ops
@@ -74,6 +75,25 @@ def test_sdpa_at_cogvideox_sizes(heads, seq):
     own = attn.attention(q, k, v)  # PyTorch math in bf16 in/out (fp32 inside): bf16's own error
     assert torch.isfinite(got).all()
     within_twice_pytorch(got, exact, own)
+
+
+def test_sdpa_runs_cudnn_first_on_hopper_also_compiled():
+    """cvfast's SDPA preference on compute capability 9.x: the cuDNN kernel runs, eager and under
+    torch.compile (the preference traced into the graph), within the 2x rule."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the cuDNN preference applies to Hopper (compute capability 9.x) only")
+    torch.manual_seed(4001)
+    q, k, v = (torch.randn(1, 30, 4001, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    exact, own = attn.attention(q.float(), k.float(), v.float()), attn.attention(q, k, v)
+    compiled = torch.compile(attn.sdpa_attention, fullgraph=True)
+    for fn in (attn.sdpa_attention, compiled):
+        fn(q, k, v)  # the compiled one compiles here, outside the profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            got = fn(q, k, v)
+            torch.cuda.synchronize()
+        ops_run = {event.key for event in prof.key_averages()}
+        assert "aten::_scaled_dot_product_cudnn_attention" in ops_run, sorted(ops_run)[:20]
+        check(got, exact, own)
 
 
 def _installed_attention(backend: str) -> ops.Impl:

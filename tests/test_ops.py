@@ -40,6 +40,21 @@ def test_sdpa_backend_within_twice_pytorch_error(dtype, shape):
     within_twice_pytorch(got, exact, naive_attention(qd, kd, vd))
 
 
+def test_sdpa_kernel_priority_compiles_into_one_graph(monkeypatch):
+    """The Hopper preference (cuDNN first) is set inside the op; torch.compile must keep it in the
+    graph (fullgraph: no break) and give eager's result. On this CPU the preference is forced; the
+    order lists every kernel, so the CPU's own still runs."""
+    assert attn.sdpa_priority(torch.device("cpu")) is None  # PyTorch's own order off CUDA
+    hopper = attn.SDPA_PRIORITY_BY_ARCH[9]
+    monkeypatch.setattr(attn, "sdpa_priority", lambda device: hopper)
+    assert attn.sdpa_priority(torch.device("cpu")) is hopper
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 3, 45, 64) for _ in range(3))
+    compiled = torch.compile(attn.sdpa_attention, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, 0.3), attn.sdpa_attention(q, k, v, 0.3), rtol=0, atol=0)
+    torch.testing.assert_close(attn.sdpa_attention(q, k, v, 0.3), attn.attention(q, k, v, 0.3))
+
+
 def test_rope_matches_complex_rotation():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 11, 12)

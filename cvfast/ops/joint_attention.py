@@ -5,7 +5,8 @@ reference of `layer_norm` (the QK norm), an op that `adaln.py` registers with it
 References (plain PyTorch, the oracle; math in float32 where precision matters, as diffusers does,
 cast back) and backends:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention (PyTorch picks its kernel: FlashAttention-2,
-  cuDNN or memory-efficient on CUDA, a fused C++ kernel on the CPU).
+  cuDNN or memory-efficient on CUDA, a fused C++ kernel on the CPU; on Hopper cvfast asks for cuDNN
+  first, `SDPA_PRIORITY_BY_ARCH`).
 - `flash_attn`: the optional `flash-attn` package (FA3's `flash_attn_interface` on Hopper when
   installed, else FA2's `flash_attn`). FlashAttention takes (batch, seq, heads, head_dim) with a
   contiguous last dim; cvfast's contract is (batch, heads, seq, head_dim), so q, k, v go in as
@@ -30,6 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .registry import Impl, placeholder, register
 from .triton_backend import impl as triton_impl
@@ -129,9 +131,38 @@ def _dtype_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
 
 # -- sdpa ------------------------------------------------------------------------------------------
 
+# PyTorch's SDPA tries its CUDA kernels in one fixed order, FlashAttention-2 first. On Hopper cuDNN's
+# attention kernels are faster: 631 against 329 TFLOP/s for SDPA's default at (1, 24, 4608, 128)
+# bf16 on an H100 (pytorch/pytorch#142132), 1.7-2.3x across shapes, and on Hopper only: slower on
+# A100 (0.82x) and Blackwell (0.88x) (huggingface/transformers#48163). So on compute capability 9.x
+# cvfast's SDPA puts cuDNN first, as a preference: an input cuDNN cannot take goes to the next kernel
+# in the list. The gpu suite measures each kernel forced at CogVideoX sizes (ops: `sdpa-cudnn`,
+# `sdpa-flash`), which is what should confirm or change this table.
+SDPA_PRIORITY_BY_ARCH = {9: (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH)}
+
+
+@torch.compiler.assume_constant_result
+def _arch_major(device_index: int) -> int:
+    """The CUDA device's compute capability major; a constant to torch.compile, which reads it once
+    while tracing (no guard, no graph break)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def sdpa_priority(device: torch.device) -> tuple | None:
+    """The SDPA kernel order cvfast sets on `device`, or None for PyTorch's own."""
+    if device.type != "cuda":
+        return None
+    return SDPA_PRIORITY_BY_ARCH.get(_arch_major(torch.cuda.current_device() if device.index is None else device.index))
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Same contract as `attention`."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    priority = sdpa_priority(q.device)
+    if priority is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    with sdpa_kernel(list(priority), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def sdpa_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> list[str]:
