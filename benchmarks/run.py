@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Row, ceilings, environment, format_table, markdown  # noqa: E402
 from benchmarks.models import MODELS  # noqa: E402
-from benchmarks.suite_gpu import BUDGET_S  # noqa: E402
+from benchmarks.suite_gpu import BUDGET_S, PARTS  # noqa: E402
 from cvfast.core.files import write_text  # noqa: E402
 
 SUITES = ("default", "ops", "e2e", "roofline", "gpu")
@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "first backend")
     p.add_argument("--budget-s", type=float, default=None,
                    help="gpu suite: seconds its parts may take (default %d)" % BUDGET_S)
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="gpu suite: the parts to run, comma-separated, among %s (default: all)" % ",".join(PARTS))
     p.add_argument("--parallel", default=None, metavar="cfg=C,ulysses=U",
                    help="e2e only, under torchrun: the first backend on one rank and on the whole job")
     p.add_argument("--cache", default=None, metavar="SPEC",
@@ -60,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and value < 1:
             p.error(f"--{name}={value}: must be >= 1")
     args.backends = [b for b in args.backends.split(",") if b]
+    args.parts = [part for part in args.parts.split(",") if part]
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown or not args.parts:
+        p.error(f"--parts={','.join(args.parts)}: expected some of {','.join(PARTS)}")
+    if tuple(args.parts) != PARTS and args.suite != "gpu":
+        p.error("--parts: only with --suite gpu")
     from cvfast.ops import BACKEND_CHOICES
     bad = [b for b in args.backends if b not in BACKEND_CHOICES]
     if bad:

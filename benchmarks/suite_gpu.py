@@ -1,12 +1,13 @@
 """`gpu` suite: the one command to run when a GPU is lent (`make gpu-check`).
 
-Parts, in the order of what matters most if the time runs out, each started only when its usual
-time still fits the budget (`--budget-s`) and each recorded even if a later one fails: the
-ceilings; the 5B denoising step side by side with diffusers eager and compiled (`suite_step.py`,
-the summary's `step_5b`); the fp8 part (`suite_fp8.py`); the `ops` suite at CogVideoX sizes; the
-step with and without the CUDA graph on the tiny model (`suite_graph.py`: host time per step);
-rebuilding the native extension; last, the GPU test files, with what time is left, each failure's
-traceback kept. After every part the record is rewritten (JSON and markdown, atomically) and a
+Parts (`PARTS`; `--parts` picks some), in the order of what matters most if the time runs out,
+each started only when its usual time still fits the budget (`--budget-s`) and each recorded even
+if a later one fails: the ceilings; the 5B denoising step side by side with diffusers eager and
+compiled (`suite_step.py`, the summary's `step_5b`); the `ops` suite at CogVideoX sizes; the fp8
+part (`suite_fp8.py`); the step with and without the CUDA graph on the tiny model (`suite_graph.py`:
+host time per step); rebuilding the native extension; last, the GPU test files, with what time is
+left, each failure's traceback kept. `make gpu-check` runs them all (the build and the tests get
+what is left); `make gpu-test`, a second device call, runs the build and the tests alone. After every part the record is rewritten (JSON and markdown, atomically) and a
 progress line printed, so a run stopped from outside keeps what it measured. On a machine without
 CUDA, everything that needs it is recorded as skipped and the tiny model stands in, so that the
 record-keeping itself is exercised.
@@ -34,8 +35,13 @@ GPU_TESTS = ["tests/test_cuda.py"]
 BUDGET_S = 430  # default --budget-s: `make gpu-check` must end inside the 8 minutes a device check may take
 TEST_TIMEOUT_S = 90  # per GPU test: one that hangs must not take the others' time
 TINY_GRAPH_STEPS = 10  # the tiny step takes milliseconds: more steps for steadier per-step times
-# A part starts only if this many seconds are left (its usual time on an H100/H200, with margin).
-NEEDS_S = {"ceilings": 15, "step": 120, "fp8": 90, "ops": 45, "graph tiny": 20, "build": 60, "tests": 60}
+# The parts in the order they run (`--parts` picks some); a part starts only if NEEDS_S[part] seconds
+# are left (its usual time on an H100/H200, with margin). The step part stops starting pipelines when
+# only what ops and fp8 need is left: those two decide `auto` and the FP8 gate, the build and the
+# tests have a device call of their own (`make gpu-test`).
+PARTS = ("ceilings", "step", "ops", "fp8", "graph", "build", "tests")
+NEEDS_S = {"ceilings": 15, "step": 120, "ops": 45, "fp8": 90, "graph": 20, "build": 60, "tests": 60}
+STEP_LEAVES = ("ops", "fp8")
 
 
 def _skipped(case: str, why: str) -> Row:
@@ -119,20 +125,23 @@ def run_gpu(args, device: torch.device, save) -> tuple[list[Row], dict, dict]:
 
     def step_part() -> list[Row]:
         configs = list(CONFIGS) if gpu else ["auto", "auto+compile"]  # no graphs, no FP8 kernels on a CPU
-        step_rows, step_summary = run_step(model, device, args.dtype, configs=configs,
-                                           deadline=deadline - NEEDS_S["fp8"], **size)
+        reserve = sum(NEEDS_S[name] for name in STEP_LEAVES if name in args.parts)
+        step_rows, step_summary = run_step(model, device, args.dtype, configs=configs, deadline=deadline - reserve,
+                                           **size)
         summary.update(step_summary)
         return step_rows
 
-    part("ceilings", ceilings_part)
-    part("step", step_part)
-    part("fp8", lambda: run_fp8(device))
-    part("ops", lambda: run_ops(args.model, device, args.dtype, ceil, frames=args.frames, height=args.height,
-                                width=args.width))
-    part("graph tiny", lambda: run_graph("tiny", device, args.dtype, frames=9, height=64, width=96,
-                                         steps=TINY_GRAPH_STEPS))
-    part("build", lambda: _build_extension(device, max(deadline - time.perf_counter() - NEEDS_S["tests"], 30)))
-    part("tests", lambda: _gpu_tests(device, max(deadline - time.perf_counter(), 30)))
+    parts = {"ceilings": ceilings_part, "step": step_part,
+             "ops": lambda: run_ops(args.model, device, args.dtype, ceil, frames=args.frames, height=args.height,
+                                    width=args.width),
+             "fp8": lambda: run_fp8(device),
+             "graph": lambda: run_graph("tiny", device, args.dtype, frames=9, height=64, width=96,
+                                        steps=TINY_GRAPH_STEPS),
+             "build": lambda: _build_extension(device, max(deadline - time.perf_counter() - NEEDS_S["tests"], 30)),
+             "tests": lambda: _gpu_tests(device, max(deadline - time.perf_counter(), 30))}
+    for name in PARTS:
+        if name in args.parts:
+            part(name, parts[name])
     return rows, summary, ceil
 
 

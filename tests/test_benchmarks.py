@@ -19,6 +19,8 @@ from benchmarks import run  # noqa: E402
     (["--model", "7b"], "invalid choice"),
     (["--suite", "ops", "--parallel", "cfg=2"], "--parallel: only with --suite e2e"),
     (["--suite", "roofline", "--cache", "teacache"], "--cache: only with --suite e2e"),
+    (["--suite", "gpu", "--parts", "step,lunch"], "--parts=step,lunch: expected some of ceilings,step,"),
+    (["--suite", "ops", "--parts", "step"], "--parts: only with --suite gpu"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -139,14 +141,19 @@ def test_gpu_suite_saves_its_record_after_every_part(tmp_path, monkeypatch):
     seen = []
 
     def recording_save(rows, summary, ceil):
-        seen.append(len(rows))
-    args = run.defaults_for(run.parse_args(["--suite", "gpu"]), torch.device("cpu"))
+        seen.append([row.suite if row.suite != "gpu" else row.case for row in rows])
     monkeypatch.setattr(suite_gpu, "run_step", lambda *a, **k: ([run.Row("step", "s", "auto", 1.0)], {}))
     monkeypatch.setattr(suite_gpu, "run_fp8", lambda device: [run.Row("fp8", "f", "fp8", 1.0)])
     monkeypatch.setattr(suite_gpu, "run_ops", lambda *a, **k: [run.Row("ops", "o", "sdpa", 1.0)])
     monkeypatch.setattr(suite_gpu, "run_graph", lambda *a, **k: [run.Row("graph", "g", "eager", 1.0)])
+    args = run.defaults_for(run.parse_args(["--suite", "gpu"]), torch.device("cpu"))
     suite_gpu.run_gpu(args, torch.device("cpu"), recording_save)
-    assert seen == [0, 1, 2, 3, 4, 5, 6]  # ceilings, step, fp8, ops, graph, build (skipped), tests (skipped)
+    done = ["step", "ops", "fp8", "graph", "build native extension", "pytest tests/test_cuda.py"]  # the last two skipped
+    assert seen == [done[:n] for n in range(7)]  # the ceilings add no row
+    seen.clear()  # `make gpu-test`'s call: the build and the tests alone
+    args = run.defaults_for(run.parse_args(["--suite", "gpu", "--parts", "build,tests"]), torch.device("cpu"))
+    suite_gpu.run_gpu(args, torch.device("cpu"), recording_save)
+    assert seen == [done[4:5], done[4:]]
 
 
 def test_roofline_through_the_entry_point(tmp_path):
