@@ -129,6 +129,11 @@ def _dtype_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     return [] if q.dtype == k.dtype == v.dtype else [f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"]
 
 
+def _head_dim_reasons(head_dim: int, accepted: tuple[int, ...]) -> list[str]:
+    """For a backend with kernels for the head dims `accepted` only."""
+    return [] if head_dim in accepted else [f"head_dim {head_dim} is not one of {accepted}"]
+
+
 # -- sdpa ------------------------------------------------------------------------------------------
 
 # PyTorch's SDPA tries its CUDA kernels in one fixed order, FlashAttention-2 first. On Hopper cuDNN's
@@ -222,16 +227,12 @@ def flash4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     return _flash_call(flash_attn_4_func, q, k, v, scale)
 
 
-def _flash4_head_dim_reasons(head_dim: int) -> list[str]:
-    return [] if head_dim in FLASH4_HEAD_DIMS else [f"head_dim {head_dim} is not one of {FLASH4_HEAD_DIMS}"]
-
-
 def flash4_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> list[str]:
-    return _dtype_reasons(q, k, v) + _flash4_head_dim_reasons(q.shape[-1])
+    return _dtype_reasons(q, k, v) + _head_dim_reasons(q.shape[-1], FLASH4_HEAD_DIMS)
 
 
 def flash4_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
-    return _flash4_head_dim_reasons(qkv.shape[-1] // (3 * heads))
+    return _head_dim_reasons(qkv.shape[-1] // (3 * heads), FLASH4_HEAD_DIMS)
 
 
 # -- sageattention ---------------------------------------------------------------------------------
@@ -247,19 +248,15 @@ def sage_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) 
     return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale, smooth_k=False)
 
 
-def _sage_head_dim_reasons(head_dim: int) -> list[str]:
-    return [] if head_dim in SAGE_HEAD_DIMS else [f"head_dim {head_dim} is not one of {SAGE_HEAD_DIMS}"]
-
-
 def sage_why_not(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> list[str]:
-    reasons = _dtype_reasons(q, k, v) + _sage_head_dim_reasons(q.shape[-1])
+    reasons = _dtype_reasons(q, k, v) + _head_dim_reasons(q.shape[-1], SAGE_HEAD_DIMS)
     if q.dim() != 4 or any(t.stride(-1) != 1 for t in (q, v)):
         reasons.append("expects (batch, heads, seq, head_dim) with a contiguous last dim")
     return reasons
 
 
 def sage_joint_why_not(qkv: Tensor, heads: int, *args, **kwargs) -> list[str]:
-    return _sage_head_dim_reasons(qkv.shape[-1] // (3 * heads))
+    return _head_dim_reasons(qkv.shape[-1] // (3 * heads), SAGE_HEAD_DIMS)
 
 
 # -- triton ----------------------------------------------------------------------------------------
