@@ -34,8 +34,8 @@ STEPS = 3  # 2 timed step intervals per call; a 5B step is ~1.8 s on an H200, so
 # same arithmetic as bf16: the summary names the best configuration overall and the best in bf16.
 # "sdpa+compile" leaves the norms, modulations and MLP to Inductor (plain PyTorch ops it can fuse)
 # where `auto` hands them to cvfast's Triton kernels (custom ops, opaque to Inductor).
-PIPELINES = (("auto", False, "bf16"), ("auto", True, "bf16"), ("auto", True, "fp8"), ("triton", False, "bf16"),
-             ("sdpa", False, "bf16"), ("sdpa", True, "bf16"))
+PIPELINES = (("auto", False, "bf16"), ("auto", True, "bf16"), ("auto", True, "fp8"), ("sdpa", True, "bf16"),
+             ("triton", False, "bf16"), ("sdpa", False, "bf16"))
 
 
 def config_name(backend: str, compiled: bool, precision: str, graphed: bool) -> str:
@@ -47,6 +47,10 @@ def config_name(backend: str, compiled: bool, precision: str, graphed: bool) -> 
 # name: (backend, compile, precision, cuda_graph); the forced backends uncompiled without the graph.
 CONFIGS = {config_name(*pipeline, graphed): (*pipeline, graphed) for pipeline in PIPELINES
            for graphed in ((False, True) if pipeline[0] == "auto" or pipeline[1] else (False,))}
+
+
+def _out_of_time(case: str, name: str) -> Row:
+    return Row("step", case, name, extra=dict(skipped="the part's time budget ran out"))
 
 
 def _timed_call(call, device, graphed: bool) -> tuple[float, float, StepClock]:
@@ -64,10 +68,11 @@ def _timed_call(call, device, graphed: bool) -> tuple[float, float, StepClock]:
     return first_s, time.perf_counter() - start, clock
 
 
-def _cvfast_rows(model: str, device, dtype, pipeline: tuple, names: list[str], kw: dict,
-                 case: str) -> tuple[list[Row], object]:
+def _cvfast_rows(model: str, device, dtype, pipeline: tuple, names: list[str], kw: dict, case: str,
+                 deadline: float) -> tuple[list[Row], object]:
     """One pipeline (backend, compile, precision) measured as each configuration in `names` needs
-    (eager, graphed); the pipeline is returned for the rows that follow."""
+    (eager, then graphed unless `deadline` has passed); the pipeline is returned for the rows that
+    follow."""
     backend, compiled, precision = pipeline
     pipe = build(model, device, dtype, backend, precision=precision, compile=compiled)
     kw = dict(kw, **_embeds(pipe))
@@ -76,6 +81,9 @@ def _cvfast_rows(model: str, device, dtype, pipeline: tuple, names: list[str], k
         return pipe.generate(cuda_graph=graphed, callback=clock, **kw)
     rows = []
     for name in names:
+        if rows and time.perf_counter() > deadline:
+            rows.append(_out_of_time(case, name))
+            continue
         first_s, warm_s, clock = _timed_call(call, device, CONFIGS[name][3])
         row = Row("step", case, name, median_ms=clock.loop_ms_per_step(),
                   extra=dict(backends=pipe.backends(), first_call_s=first_s, warm_call_s=warm_s))
@@ -122,7 +130,7 @@ def _diffusers_rows(pipe, device, size: dict, case: str, deadline: float) -> lis
     rows = []
     for name in ("diffusers", "diffusers+compile"):
         if time.perf_counter() > deadline:
-            rows.append(Row("step", case, name, extra=dict(skipped="the part's time budget ran out")))
+            rows.append(_out_of_time(case, name))
             continue
         try:
             rows.append(_diffusers_row(ref, name, kw, device, case))
@@ -180,12 +188,12 @@ def run_step(model: str, device: torch.device, dtype: torch.dtype, *, frames: in
         if not names:
             continue
         if time.perf_counter() > deadline:
-            rows += [Row("step", case, name, extra=dict(skipped="the part's time budget ran out")) for name in names]
+            rows += [_out_of_time(case, name) for name in names]
             continue
         del pipe
         _free(device)
         try:
-            measured, pipe = _cvfast_rows(model, device, dtype, pipeline, names, kw, case)
+            measured, pipe = _cvfast_rows(model, device, dtype, pipeline, names, kw, case, deadline)
         except Exception as exc:  # one pipeline that fails must not cost the others
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             measured, pipe = [Row("step", case, name, extra=dict(error=error)) for name in names], None
