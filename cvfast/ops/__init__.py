@@ -5,8 +5,8 @@ its backends, and registers them with `registry` as it is imported: `joint_atten
 joint_attention, rope), `adaln.py` (layer_norm, modulate, gated_residual, gated_residual_modulate),
 `mlp.py` (gelu_mlp), `group_norm.py`, `causal_conv3d.py`, `spatial_norm.py`. Backends: `sdpa`
 (PyTorch's scaled_dot_product_attention), `flash_attn` (FlashAttention 2/3 when installed), `triton`
-(the kernels in `cvfast.kernels`, registered as `torch.library` custom ops) and `native` (the C++/CUDA
-extension `cvfast._C`). A backend declares where it runs and answers *why not* for an input
+(the kernels in `cvfast.kernels`, registered as `torch.library` custom ops), `native` (the C++/CUDA
+extension `cvfast._C`), and by name only `flash_attn_4` and `sageattention` (when installed). A backend declares where it runs and answers *why not* for an input
 (`registry.Impl`); `resolve()` builds the `OpSet` a pipeline's modules call, which chooses once per op
 and input signature. No module globals are ever rewritten.
 
@@ -65,10 +65,9 @@ def resolve(backend: str, device: torch.device | str) -> OpSet:
     """The OpSet for `backend` on `device`.
 
     "reference": plain PyTorch everywhere (the oracle). "sdpa", "flash_attn", "triton", "native",
-    "flash_attn_4" and "sageattention" (attention only, never under "auto"; see
-    `joint_attention.py`): every
-    op that backend implements uses it (an input it cannot take is an error listing the reasons), the
-    others the reference. "auto": per op the backends of `AUTO_ORDER` that run on the device, then
+    "flash_attn_4" and "sageattention" (attention only, never under "auto"; see `joint_attention.py`):
+    every op that backend implements uses it (an input it cannot take is an error listing the
+    reasons), the others the reference. "auto": per op the backends of `AUTO_ORDER` that run on the device, then
     the reference; an input the preferred one cannot take falls to the next with one warning line.
     """
     device = torch.device(device)
