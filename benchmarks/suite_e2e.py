@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 from cvfast.core.files import replacing
 
@@ -205,7 +206,6 @@ def write_trace(model: str, device: torch.device, dtype: torch.dtype, backend: s
                 height: int, width: int) -> Path:
     """A torch.profiler trace (Chrome's format: chrome://tracing, Perfetto) of one warm denoising step
     of `backend`, written whole to `path`."""
-    from torch.profiler import ProfilerActivity, profile
     pipe = build(model, device, dtype, backend)
     stages = _stages_cvfast(pipe, dict(num_frames=frames, height=height, width=width), 1, 0)
     stages["one_step"]()  # warm: the kernels compiled and the allocator filled before the trace

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from cvfast.models.geometry import latent_shape
 
@@ -100,7 +101,6 @@ PROFILE_TOP = 15  # kernels listed in the profile row
 def _profile_row(pipe, kw: dict, device, case: str, name: str) -> Row:
     """One warm call under torch.profiler: the kernels (on a CPU, the ops) that take the time, by self
     time, each with its share of the total; `covered` is the share the listed ones add up to."""
-    from torch.profiler import ProfilerActivity, profile
     gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
