@@ -148,9 +148,9 @@ SDPA_PRIORITY_BY_ARCH = {9: (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENT
 
 
 @torch.compiler.assume_constant_result
-def _arch_major(device_index: int) -> int:
-    """The CUDA device's compute capability major; a constant to torch.compile, which reads it once
-    while tracing (no guard, no graph break)."""
+def _arch_major(device_index: int | None) -> int:
+    """The CUDA device's (None: the current one's) compute capability major; a constant to
+    torch.compile, which reads it once while tracing (no guard, no graph break)."""
     return torch.cuda.get_device_capability(device_index)[0]
 
 
@@ -158,7 +158,7 @@ def sdpa_priority(device: torch.device) -> tuple | None:
     """The SDPA kernel order cvfast sets on `device`, or None for PyTorch's own."""
     if device.type != "cuda":
         return None
-    return SDPA_PRIORITY_BY_ARCH.get(_arch_major(torch.cuda.current_device() if device.index is None else device.index))
+    return SDPA_PRIORITY_BY_ARCH.get(_arch_major(device.index))
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
